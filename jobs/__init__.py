@@ -1,0 +1,1 @@
+"""Entrypoints that Ray Jobs, KubeRay and Airflow run."""

@@ -1,0 +1,84 @@
+"""transfer-train [CONFIG.yaml] [--pass head|finetune|all] [--set key.path=value ...]
+
+Exit codes: 0 success; 2 config or usage error; 3 data error found before training; 1 training failure.
+The last line on stdout is a JSON summary a DAG task can parse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="transfer-train",
+        description="Train an image classifier on a frozen pretrained backbone, then fine-tune it, on Ray.",
+    )
+    parser.add_argument("config", nargs="?", help="job config (YAML); without one, runs the built-in demo")
+    parser.add_argument("--pass", dest="passes", choices=("head", "finetune", "all"), default="all")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a key"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's and Ray's own logs")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.verbose:
+        _quiet_tensorflow()
+    # Imported after the environment is set: TensorFlow reads it at import.
+    from transfer import demo
+    from transfer.config import load_config
+    from transfer.errors import TransferError
+    from transfer.job import run_job
+
+    try:
+        base = None if args.config else demo.demo_config(demo.prepare())
+        cfg = load_config(args.config, args.overrides, base=base)
+        passes = ["head", "finetune"] if args.passes == "all" else [args.passes]
+        summary = run_job(cfg, passes, verbose=args.verbose)
+    except TransferError as e:
+        _report(args, e)
+        return e.exit_code
+    except Exception as e:
+        _report(args, e, prefix="training failed: ")
+        return 1
+    for name, result in summary["passes"].items():
+        print(f"{name}: val_accuracy {result['final']['val_accuracy']:.3f}, export at {result['export']}")
+    print(json.dumps({"status": "succeeded", **summary}), flush=True)
+    return 0
+
+
+def _quiet_tensorflow() -> None:
+    """Imports TensorFlow with its native start-up chatter (oneDNN, CUDA probes) kept off the terminal."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import transfer  # noqa: F401  (selects tf-keras before TensorFlow loads)
+
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # probes CUDA now, while stderr is closed
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    tf.get_logger().setLevel("ERROR")
+
+
+def _report(args: argparse.Namespace, error: Exception, prefix: str = "") -> None:
+    if args.debug:
+        traceback.print_exc()
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    print(f"error: {prefix}{lines[0]}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The shard plan: which rows each worker reads, so that every worker runs exactly the same number of steps.
+
+Under MultiWorkerMirroredStrategy one extra batch on one worker crashes the job, so the driver gives every worker
+the same number of rows (the remainder, fewer than num_workers rows, is left out) and the same step counts.
+Rows are handed out in storage order, so a worker reads few row groups, each one mostly whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from transfer.data.parquet import ParquetIndex, class_names
+from transfer.errors import DataError
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The rows one worker reads from one row group (positions inside the row group)."""
+
+    file: str
+    row_group: int
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One worker's units per worker, each worker's total equal to rows_per_worker."""
+
+    shards: list[list[Unit]]
+    rows_per_worker: int
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    classes: list[str]
+    train: Split
+    validation: Split
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return self.train.rows_per_worker // batch_size
+
+    def validation_steps(self, batch_size: int) -> int:
+        return math.ceil(self.validation.rows_per_worker / batch_size)
+
+    def check_batch_size(self, batch_size: int, key: str) -> None:
+        if self.steps_per_epoch(batch_size) < 1:
+            raise DataError(
+                f"{key}: {batch_size} is more than the {self.train.rows_per_worker} training rows per worker"
+            )
+
+
+def plan_dataset(
+    train: ParquetIndex,
+    validation: ParquetIndex | None,
+    validation_split: float,
+    num_workers: int,
+    seed: int,
+) -> DatasetPlan:
+    """Splits off validation rows (when no validation set is given) and shards both sets over the workers."""
+    classes = class_names(train.labels)
+    if validation is None:
+        order = np.random.default_rng(seed).permutation(train.num_rows)
+        num_val = max(1, round(train.num_rows * validation_split))
+        val_rows, train_rows = np.sort(order[:num_val]), np.sort(order[num_val:])
+        val_split = shard_rows(train, val_rows, num_workers, "data.validation_split")
+    else:
+        unknown = sorted({str(v) for v in validation.labels} - set(classes))
+        if unknown:
+            raise DataError(f"data.validation: label {unknown[0]!r} does not occur in data.train")
+        train_rows = np.arange(train.num_rows)
+        val_split = shard_rows(validation, np.arange(validation.num_rows), num_workers, "data.validation")
+    missing = sorted(set(classes) - {str(train.labels[i]) for i in train_rows})
+    if missing:
+        raise DataError(f"data.validation_split: class {missing[0]!r} has no training rows left after the split")
+    return DatasetPlan(classes, shard_rows(train, train_rows, num_workers, "data.train"), val_split)
+
+
+def shard_rows(index: ParquetIndex, rows: np.ndarray, num_workers: int, key: str) -> Split:
+    """Gives each worker an equal, contiguous run of `rows` (sorted global row numbers) as row-group units."""
+    per_worker = len(rows) // num_workers
+    if per_worker == 0:
+        raise DataError(f"{key}: {len(rows)} rows cannot be shared by {num_workers} workers")
+    starts = np.cumsum([0] + [g.num_rows for g in index.row_groups])
+    shards = []
+    for w in range(num_workers):
+        worker_rows = rows[w * per_worker : (w + 1) * per_worker]
+        group_of_row = np.searchsorted(starts, worker_rows, side="right") - 1
+        units = []
+        for g in np.unique(group_of_row):
+            group = index.row_groups[g]
+            local = worker_rows[group_of_row == g] - starts[g]
+            units.append(Unit(group.file, group.index, tuple(int(r) for r in local)))
+        shards.append(units)
+    return Split(shards, per_worker)

@@ -1,0 +1,75 @@
+"""The final model of a pass in shared storage: written whole, then marked complete by its manifest.
+
+`export/<pass>/` holds model.keras, saved_model/ (for serving), labels.json, config.yaml, metrics.json and,
+written last, manifest.json with every file's size and sha256. Without a manifest an export is incomplete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+
+import tensorflow as tf
+
+from transfer import storage
+from transfer.errors import DataError
+
+MANIFEST = "manifest.json"
+MODEL = "model.keras"
+
+
+def write_export(model: tf.keras.Model, classes: list[str], config_yaml: str, metrics: dict, location: str) -> None:
+    """Writes the export to `location`, replacing any earlier one; a crash midway leaves no manifest."""
+    with tempfile.TemporaryDirectory(prefix="transfer-export-") as local:
+        model.save(os.path.join(local, MODEL))
+        with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every endpoint's signature
+            model.export(os.path.join(local, "saved_model"))
+        _write_json(os.path.join(local, "labels.json"), classes)
+        _write_json(os.path.join(local, "metrics.json"), metrics)
+        with open(os.path.join(local, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+        manifest = {"files": _describe(local)}
+        storage.delete(storage.join(location, MANIFEST))  # from here on, the old export is no longer complete
+        storage.delete(location)
+        storage.upload_dir(local, location)
+    storage.write_text(storage.join(location, MANIFEST), json.dumps(manifest, indent=1))
+
+
+def is_complete(location: str) -> bool:
+    return storage.exists(storage.join(location, MANIFEST))
+
+
+def check_complete(location: str, key: str) -> None:
+    """Refuses an export that has no manifest or whose files differ from it in size."""
+    if not is_complete(location):
+        raise DataError(f"{key}: {location} is not a complete export (no {MANIFEST}); run the pass that writes it")
+    manifest = json.loads(storage.read_text(storage.join(location, MANIFEST)))
+    fs, root = storage.resolve(location)
+    for name, entry in manifest["files"].items():
+        info = fs.get_file_info(f"{root}/{name}")
+        if info.size != entry["size"]:
+            raise DataError(f"{key}: {location}/{name} has {info.size} bytes, its manifest says {entry['size']}")
+
+
+def read_metrics(location: str) -> dict:
+    return json.loads(storage.read_text(storage.join(location, "metrics.json")))
+
+
+def _describe(directory: str) -> dict[str, dict]:
+    files = {}
+    for parent, _, names in os.walk(directory):
+        for name in sorted(names):
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            files[os.path.relpath(path, directory)] = {"size": os.path.getsize(path), "sha256": digest}
+    return files
+
+
+def _write_json(path: str, value: object) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)

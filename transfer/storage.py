@@ -1,0 +1,118 @@
+"""One way to reach a path or URI (local, NFS, s3://, gs://): pyarrow.fs, with the standard credential chains."""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from fnmatch import fnmatchcase
+
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def absolute(location: str) -> str:
+    """A URI as it is; a local path made absolute, so Ray workers on this node read the same place."""
+    return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it for a local path or URI."""
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), absolute(location)
+
+
+def join(location: str, *parts: str) -> str:
+    return "/".join([location.rstrip("/"), *parts])
+
+
+def exists(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    fs, path = resolve(location)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def delete(location: str) -> None:
+    """Deletes a file or a folder; nothing to delete is fine."""
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def upload_dir(local_dir: str, location: str) -> None:
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+@contextmanager
+def local_copy(location: str) -> Iterator[str]:
+    """A local path holding `location` (a file or folder): the path itself when local, else a temporary copy."""
+    if not is_uri(location):
+        yield absolute(location)
+        return
+    fs, path = resolve(location)
+    with tempfile.TemporaryDirectory(prefix="transfer-") as tmp:
+        target = os.path.join(tmp, os.path.basename(path.rstrip("/")) or "data")
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            os.makedirs(target)
+        pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield target
+
+
+def list_files(location: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The files a location names, as locations: a file, the matching files below a folder, or a glob's matches.
+
+    Sorted, so every process that lists the same location sees the same order.
+    """
+    fs, path = resolve(location)
+    scheme = location.split("://", 1)[0] + "://" if is_uri(location) else ""
+    if globlib.has_magic(path):
+        base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        paths = [i.path for i in infos if i.type == pafs.FileType.File and fnmatchcase(i.path, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            paths = [path]
+        elif info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            paths = [
+                i.path
+                for i in infos
+                if i.type == pafs.FileType.File
+                and i.path.lower().endswith(suffixes)
+                and not os.path.basename(i.path).startswith((".", "_"))
+            ]
+        else:
+            paths = []
+    return sorted(scheme + p for p in paths)

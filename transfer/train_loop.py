@@ -1,0 +1,185 @@
+"""What every Ray Train worker runs for one pass: build the model under MWMS, restore, fit, checkpoint each epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import ray.train
+import tensorflow as tf
+
+from transfer import storage
+from transfer.config import Config, from_dict
+from transfer.data.pipeline import make_dataset
+from transfer.data.plan import DatasetPlan, Split
+from transfer.model import build_model, compile_model, unfreeze_model
+
+WEIGHTS = "weights/ckpt"  # TF-format checkpoint: the model's weights and the optimizer's state
+STATE = "state.json"  # the pass, the last finished epoch and the per-epoch history
+CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """Everything a worker needs for one pass; sent by the driver as the train loop's config."""
+
+    config: dict
+    pass_name: str  # head | finetune
+    plan: DatasetPlan
+    init_model: str | None  # finetune: the model.keras to start from
+    progress: Any = None  # a ray.util.queue.Queue the driver prints from; rank 0 puts events in it
+
+    @cached_property
+    def cfg(self) -> Config:
+        return from_dict(self.config)
+
+    @property
+    def epochs(self) -> int:
+        return self.cfg.head.epochs if self.pass_name == "head" else self.cfg.finetune.epochs
+
+    @property
+    def learning_rate(self) -> float:
+        return self.cfg.head.learning_rate if self.pass_name == "head" else self.cfg.finetune.learning_rate
+
+    @property
+    def batch_size(self) -> int:
+        cfg = self.cfg
+        return cfg.head.batch_size if self.pass_name == "head" else (cfg.finetune.batch_size or cfg.head.batch_size)
+
+
+def build_pass_model(spec: PassSpec, backbone_weights: str) -> tf.keras.Model:
+    """The head pass's new classifier, or for fine-tuning the head export with the top of its backbone unfrozen."""
+    cfg = spec.cfg
+    if spec.pass_name == "head":
+        return build_model(
+            cfg.model.backbone, backbone_weights, cfg.data.image_size, len(spec.plan.classes), cfg.model.dropout
+        )
+    with storage.local_copy(spec.init_model) as path:
+        model = tf.keras.models.load_model(path, compile=False, safe_mode=True)
+    unfreeze_model(model, cfg.finetune.unfreeze)
+    return model
+
+
+def train_loop_per_worker(spec: PassSpec) -> None:
+    cfg = spec.cfg
+    _size_thread_pools(cfg.scaling.cpus_per_worker)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=cfg.scaling.collective_timeout_s
+        )
+    )
+    rank = ray.train.get_context().get_world_rank()
+    with strategy.scope():
+        model = build_pass_model(spec, cfg.model.weights)
+        compile_model(model, spec.learning_rate)
+        # Create the optimizer's slots now, so a checkpoint restores them at once instead of lazily.
+        model.optimizer.build(model.trainable_variables)
+
+    history = restore(model, ray.train.get_checkpoint())
+    if history and rank == 0:
+        _post(spec, {"event": "resume", "pass": spec.pass_name, "epoch": len(history)})
+
+    data = cfg.data
+    batch_size = spec.batch_size
+
+    def dataset(split: Split, training: bool):
+        def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            return make_dataset(
+                split.shards[context.input_pipeline_id],
+                split.rows_per_worker,
+                spec.plan.classes,
+                data.image_column,
+                data.label_column,
+                data.image_size,
+                batch_size,
+                training=training,
+                shuffle_buffer=data.shuffle_buffer,
+                seed=data.seed + context.input_pipeline_id,
+            )
+
+        return strategy.distribute_datasets_from_function(fn)
+
+    steps = spec.plan.steps_per_epoch(batch_size)
+    model.fit(
+        dataset(spec.plan.train, training=True),
+        epochs=spec.epochs,
+        initial_epoch=len(history),
+        steps_per_epoch=steps,
+        validation_data=dataset(spec.plan.validation, training=False),
+        validation_steps=spec.plan.validation_steps(batch_size),
+        callbacks=[CheckpointEachEpoch(spec, history, rank, images_per_epoch=steps * batch_size * _world_size())],
+        verbose=0,
+    )
+
+
+def restore(model: tf.keras.Model, checkpoint: ray.train.Checkpoint | None) -> list[dict]:
+    """Loads weights and optimizer state from a checkpoint; returns its per-epoch history ([] when none)."""
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as directory:
+        # Partial: a model without an optimizer (the driver's, for export) restores the weights alone.
+        model.load_weights(os.path.join(directory, WEIGHTS)).expect_partial()
+        with open(os.path.join(directory, STATE)) as f:
+            return json.load(f)["history"]
+
+
+class CheckpointEachEpoch(tf.keras.callbacks.Callback):
+    """Checkpoints every epoch and reports it with the epoch's metrics to Ray Train.
+
+    Every rank saves (tf-keras' save_weights is a collective; a rank-0-only save hangs), each to its own
+    temporary folder; only rank 0's checkpoint is handed to Ray Train.
+    """
+
+    def __init__(self, spec: PassSpec, history: list[dict], rank: int, images_per_epoch: int):
+        super().__init__()
+        self.spec, self.history, self.rank, self.images_per_epoch = spec, history, rank, images_per_epoch
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.start = time.monotonic()
+        self.train_seconds = None
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self.train_seconds = time.monotonic() - self.start
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        seconds = time.monotonic() - self.start
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+        row["images_per_s"] = self.images_per_epoch / (self.train_seconds or seconds)
+        row["seconds"] = seconds
+        self.history.append(row)
+        with tempfile.TemporaryDirectory(prefix="transfer-ckpt-") as directory:
+            self.model.save_weights(os.path.join(directory, WEIGHTS))
+            checkpoint = None
+            if self.rank == 0:
+                state = {"pass": self.spec.pass_name, "epoch": epoch + 1, "history": self.history}
+                with open(os.path.join(directory, STATE), "w") as f:
+                    json.dump(state, f, indent=1)
+                with open(os.path.join(directory, CONFIG), "w") as f:
+                    f.write(self.spec.cfg.to_yaml())
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(row, checkpoint=checkpoint)
+        if self.rank == 0:
+            _post(self.spec, {"event": "epoch", "pass": self.spec.pass_name, "epochs": self.spec.epochs, **row})
+
+
+def _post(spec: PassSpec, event: dict) -> None:
+    if spec.progress is not None:
+        spec.progress.put(event)
+
+
+def _world_size() -> int:
+    return ray.train.get_context().get_world_size()
+
+
+def _size_thread_pools(cpus: int) -> None:
+    """Ray sets OMP_NUM_THREADS=1 but leaves TensorFlow's pools at the node's core count: size them to ours."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(cpus)
+    except RuntimeError:  # TensorFlow already initialised in this process
+        pass
