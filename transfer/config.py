@@ -205,6 +205,8 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
             return value
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str) and _is_number(value):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if option is str and isinstance(value, str):
             return value
         if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
@@ -213,6 +215,14 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
                 return tuple(value)
     expected = " or ".join(_type_name(o) for o in options)
     raise ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _type_name(hint: Any) -> str:

@@ -1,0 +1,91 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+
+from transfer.data import parquet
+from transfer.data.pipeline import make_dataset
+from transfer.data.plan import plan_dataset
+from transfer.errors import DataError
+
+
+def encode(image: np.ndarray, fmt: str) -> bytes:
+    return (tf.io.encode_png(image) if fmt == "png" else tf.io.encode_jpeg(image)).numpy()
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """12 rows: the label is the image's brightness class; mixed JPEG, grayscale PNG and RGBA PNG of any size."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for i in range(12):
+        label = ["dark", "mid", "light"][i % 3]
+        value = {"dark": 20, "mid": 128, "light": 235}[label]
+        h, w = rng.integers(20, 90, 2)
+        if i % 4 == 1:
+            image, fmt = np.full((h, w, 1), value, np.uint8), "png"
+        elif i % 4 == 2:
+            image, fmt = np.full((h, w, 4), value, np.uint8), "png"
+        else:
+            image, fmt = np.full((h, w, 3), value, np.uint8), "jpeg"
+        images.append(encode(image, fmt))
+        labels.append(label)
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"img": images, "cls": labels}), path, row_group_size=5)
+    return str(path), labels
+
+
+def test_scan_reads_row_groups_and_labels(dataset):
+    path, labels = dataset
+    index = parquet.scan(path, "img", "cls")
+    assert [g.num_rows for g in index.row_groups] == [5, 5, 2]
+    assert index.labels == labels
+
+
+def test_validation_pipeline_yields_rgb_at_image_size_with_the_right_class(dataset):
+    path, labels = dataset
+    index = parquet.scan(path, "img", "cls")
+    plan = plan_dataset(index, None, 0.5, 1, seed=0)
+    assert plan.classes == ["dark", "light", "mid"]
+    ds = make_dataset(
+        plan.validation.shards[0], plan.validation.rows_per_worker, plan.classes, "img", "cls", (32, 32), 4, False
+    )
+    seen = 0
+    for images, classes in ds:
+        assert images.shape[1:] == (32, 32, 3)
+        for image, c in zip(images.numpy(), classes.numpy(), strict=True):
+            brightness = {"dark": 20, "mid": 128, "light": 235}[plan.classes[c]]
+            assert abs(image.mean() - brightness) < 6
+            seen += 1
+    assert seen == plan.validation.rows_per_worker == 6
+
+
+def test_training_pipeline_repeats_whole_batches(dataset):
+    path, _ = dataset
+    plan = plan_dataset(parquet.scan(path, "img", "cls"), None, 0.25, 1, seed=0)
+    ds = make_dataset(plan.train.shards[0], plan.train.rows_per_worker, plan.classes, "img", "cls", (32, 32), 4, True)
+    batches = list(ds.take(10))  # 9 rows, batch 4: endless whole batches
+    assert len(batches) == 10 and all(b[0].shape[0] == 4 for b in batches)
+
+
+def test_scan_names_a_missing_column_and_the_file(dataset):
+    path, _ = dataset
+    with pytest.raises(DataError, match=r"data.label_column: .*data.parquet: no column 'label' \(columns: img, cls\)"):
+        parquet.scan(path, "img", "label")
+
+
+def test_scan_rejects_null_labels_and_empty_locations(tmp_path):
+    path = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"image": [b"x", b"y"], "label": ["a", None]}), path)
+    with pytest.raises(DataError, match="nulls.parquet: row 1: label is null"):
+        parquet.scan(str(path), "image", "label")
+    with pytest.raises(DataError, match="data.train: .*: no Parquet files found"):
+        parquet.scan(str(tmp_path / "empty"), "image", "label")
+
+
+def test_scan_reads_a_glob_of_files(tmp_path):
+    for i in range(3):
+        pq.write_table(pa.table({"image": [b"x"] * (i + 1), "label": [i] * (i + 1)}), tmp_path / f"p{i}.parquet")
+    index = parquet.scan(str(tmp_path / "p[01].parquet"), "image", "label")
+    assert index.labels == [0, 1, 1]

@@ -1,0 +1,115 @@
+"""End to end on a real local Ray cluster with 2 workers: real TensorFlow training under MWMS, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, run_cli, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def summary_of(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def finished_run(assets, tmp_path_factory):
+    """Both passes of a small run; its stdout and where it left its outputs."""
+    root = tmp_path_factory.mktemp("job")
+    config = write_config(root / "job.yaml", assets, storage=str(root / "runs"), name="shapes")
+    result = run_cli(config)
+    return {"config": config, "result": result, "summary": summary_of(result), "run": root / "runs" / "shapes"}
+
+
+def test_both_passes_learn_well_above_chance(finished_run):
+    passes = finished_run["summary"]["passes"]
+    head, finetune = passes["head"]["final"], passes["finetune"]["final"]
+    # 5 classes: chance is 0.2.
+    assert head["val_accuracy"] >= 0.7
+    assert finetune["val_accuracy"] >= head["val_accuracy"] - 0.05
+
+
+def test_one_line_per_epoch_per_pass(finished_run):
+    lines = finished_run["result"].stdout.splitlines()
+    assert len([line for line in lines if line.startswith("head epoch ")]) == 3
+    assert len([line for line in lines if line.startswith("finetune epoch ")]) == 2
+    assert any(line.startswith("head epoch 3/3: loss ") and "val_accuracy" in line for line in lines)
+
+
+def test_outputs_are_where_the_contract_says(finished_run):
+    run = finished_run["run"]
+    for pass_name, epochs in (("head", 3), ("finetune", 2)):
+        export = run / "export" / pass_name
+        for name in ("model.keras", "saved_model/saved_model.pb", "labels.json", "config.yaml", "manifest.json"):
+            assert (export / name).exists(), name
+        metrics = json.loads((export / "metrics.json").read_text())
+        assert [row["epoch"] for row in metrics["history"]] == list(range(1, epochs + 1))
+        assert metrics["final"] == metrics["history"][-1]
+        assert json.loads((export / "labels.json").read_text()) == ["checker", "cross", "diamond", "dots", "ring"]
+        checkpoints = [p for p in (run / pass_name).iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+        assert checkpoints and all((c / "config.yaml").exists() for c in checkpoints)
+
+
+PREDICT = """
+import json, sys
+import numpy as np, pyarrow.parquet as pq, tensorflow as tf
+export, data = sys.argv[1], sys.argv[2]
+model = tf.keras.models.load_model(export + "/model.keras")
+classes = json.load(open(export + "/labels.json"))
+table = pq.read_table(data).slice(0, 100)
+decode = lambda b: tf.image.resize(tf.io.decode_jpeg(b, channels=3), (64, 64)).numpy()
+images = np.stack([decode(b) for b in table["image"].to_pylist()])
+scores = model.predict(images, verbose=0)
+predicted = [classes[i] for i in scores.argmax(axis=1)]
+saved_model = tf.saved_model.load(export + "/saved_model")
+served = saved_model.serve(tf.constant(images)).numpy()
+accuracy = float(np.mean([p == t for p, t in zip(predicted, table["label"].to_pylist())]))
+print(json.dumps({"accuracy": accuracy, "agree": float(np.mean(served.argmax(axis=1) == scores.argmax(axis=1)))}))
+"""
+
+
+def test_export_loads_and_predicts_class_names_in_a_fresh_process(finished_run, assets):
+    export = finished_run["run"] / "export" / "finetune"
+    data = os.path.join(assets["train"], "part-000.parquet")
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", PREDICT, str(export), data], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["accuracy"] >= 0.7
+    assert outcome["agree"] == 1.0
+
+
+def test_rerunning_a_finished_run_does_nothing_and_says_so(finished_run):
+    result = run_cli(finished_run["config"])
+    summary = summary_of(result)
+    assert {p["status"] for p in summary["passes"].values()} == {"skipped"}
+    assert "head: already finished (3 epochs)" in result.stdout
+    assert summary["passes"]["head"]["final"] == finished_run["summary"]["passes"]["head"]["final"]
+
+
+def test_rerun_resumes_from_the_checkpoint_epoch(assets, tmp_path):
+    config = write_config(tmp_path / "job.yaml", assets, storage=str(tmp_path / "runs"), name="resume")
+    first = summary_of(run_cli(config, "--pass", "head", "--set", "head.epochs=1"))
+    assert first["passes"]["head"]["final"]["epoch"] == 1
+
+    result = run_cli(config, "--pass", "head", "--set", "head.epochs=2")
+    second = summary_of(result)
+    assert "head: resuming after epoch 1 from its latest checkpoint" in result.stdout
+    assert "head epoch 1/2" not in result.stdout and "head epoch 2/2" in result.stdout
+    metrics = json.loads((tmp_path / "runs" / "resume" / "export" / "head" / "metrics.json").read_text())
+    assert metrics["history"][0] == first["passes"]["head"]["final"]
+    assert second["passes"]["head"]["final"]["epoch"] == 2
+
+
+def test_finetune_without_a_head_export_is_refused(assets, tmp_path):
+    config = write_config(tmp_path / "job.yaml", assets, storage=str(tmp_path / "runs"), name="nohead")
+    result = run_cli(config, "--pass", "finetune")
+    assert result.returncode == 3
+    assert "finetune.init_from:" in result.stderr and "is not a complete export" in result.stderr
