@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 
@@ -30,16 +29,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.verbose:
-        _quiet_tensorflow()
-    # Imported after the environment is set: TensorFlow reads it at import.
     from transfer import demo
     from transfer.config import load_config
     from transfer.errors import TransferError
-    from transfer.job import run_job
+    from transfer.job import import_tensorflow, run_job
 
     try:
-        base = None if args.config else demo.demo_config(demo.prepare())
+        base = None
+        if not args.config:  # the demo: its assets are made with TensorFlow
+            import_tensorflow(args.verbose)
+            base = demo.demo_config(demo.prepare())
         cfg = load_config(args.config, args.overrides, base=base)
         passes = ["head", "finetune"] if args.passes == "all" else [args.passes]
         summary = run_job(cfg, passes, verbose=args.verbose)
@@ -53,24 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: val_accuracy {result['final']['val_accuracy']:.3f}, export at {result['export']}")
     print(json.dumps({"status": "succeeded", **summary}), flush=True)
     return 0
-
-
-def _quiet_tensorflow() -> None:
-    """Imports TensorFlow with its native start-up chatter (oneDNN, CUDA probes) kept off the terminal."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import transfer  # noqa: F401  (selects tf-keras before TensorFlow loads)
-
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()  # probes CUDA now, while stderr is closed
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    tf.get_logger().setLevel("ERROR")
 
 
 def _report(args: argparse.Namespace, error: Exception, prefix: str = "") -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -54,3 +56,86 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 endpoint on loopback (moto's server), with this process's environment pointed at it.
+
+    Subprocesses (the CLI, its Ray workers) inherit the endpoint and the test credentials.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="transfer-test")
+    yield "s3://transfer-test"
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def upload(local: str, uri: str) -> str:
+    """Copies a local file or folder to a URI."""
+    from transfer import storage
+
+    if os.path.isdir(local):
+        storage.upload_dir(local, uri)
+    else:
+        with open(local, "rb") as f:
+            storage.write_bytes(uri, f.read())
+    return uri
+
+
+def write_bad_parquet(path: str) -> dict[str, int]:
+    """A Parquet file of 7 rows with every kind of bad record, and good ones: grayscale, RGBA, palette PNGs."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+
+    from transfer import demo
+
+    rng = np.random.default_rng(0)
+    jpeg = tf.io.encode_jpeg(demo.draw("ring", rng, 64)).numpy()
+    gray = tf.io.encode_png(demo.draw("cross", rng, 40)[..., :1]).numpy()
+    rgba = tf.io.encode_png(np.concatenate([demo.draw("dots", rng, 50), np.full((50, 50, 1), 128, np.uint8)], -1))
+    from PIL import Image
+
+    palette = io.BytesIO()
+    Image.fromarray(demo.draw("diamond", rng, 70)).convert("P").save(palette, format="PNG")
+    images = [b"", b"not an image", jpeg[: len(jpeg) // 2], jpeg, gray, rgba.numpy(), palette.getvalue()]
+    labels = ["ring", "ring", "ring", None, "cross", "dots", "diamond"]
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": labels}), path, row_group_size=4)
+    return {"unreadable": 3, "null_labels": 1, "good": 3}

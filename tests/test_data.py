@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from transfer.data import parquet
-from transfer.data.pipeline import make_dataset
+from transfer.data.pipeline import BadRecords, make_dataset
 from transfer.data.plan import plan_dataset
 from transfer.errors import DataError
 
@@ -75,13 +75,59 @@ def test_scan_names_a_missing_column_and_the_file(dataset):
         parquet.scan(path, "img", "label")
 
 
-def test_scan_rejects_null_labels_and_empty_locations(tmp_path):
+def test_null_labels_are_left_out_or_stop_the_run(tmp_path):
     path = tmp_path / "nulls.parquet"
-    pq.write_table(pa.table({"image": [b"x", b"y"], "label": ["a", None]}), path)
-    with pytest.raises(DataError, match="nulls.parquet: row 1: label is null"):
-        parquet.scan(str(path), "image", "label")
+    pq.write_table(pa.table({"image": [b"x"] * 9, "label": ["a", None, "b"] * 3}), path)
+    index = parquet.scan(str(path), "image", "label", bad_records="skip")
+    assert index.left_out == [f"{path}: row {r}: label is null" for r in (1, 4, 7)]
+    plan = plan_dataset(index, None, 0.3, 1, seed=0)
+    assert plan.train.rows_per_worker + plan.validation.rows_per_worker == 6
+    with pytest.raises(DataError, match="data.train: .*nulls.parquet: row 1: label is null"):
+        parquet.scan(str(path), "image", "label", bad_records="fail")
+
+
+def test_scan_rejects_empty_locations(tmp_path):
     with pytest.raises(DataError, match="data.train: .*: no Parquet files found"):
         parquet.scan(str(tmp_path / "empty"), "image", "label")
+
+
+def test_bad_records_are_skipped_counted_and_named(tmp_path):
+    from tests.conftest import write_bad_parquet
+
+    path = str(tmp_path / "bad.parquet")
+    expected = write_bad_parquet(path)
+    index = parquet.scan(path, "image", "label")
+    plan = plan_dataset(index, index, 0.0, 1, seed=0)  # every labelled row in training and validation
+    bad = BadRecords("skip")
+    ds = make_dataset(
+        plan.validation.shards[0], 3, plan.classes, "image", "label", (32, 32), 3, training=False, bad=bad
+    )
+    images, classes = next(iter(ds))
+    assert images.shape == (3, 32, 32, 3)  # grayscale, RGBA and palette PNGs all became RGB
+    assert sorted(plan.classes[c] for c in classes.numpy()) == ["cross", "diamond", "dots"]
+    assert len(bad.found) == expected["unreadable"]
+    assert [e.split(": ", 1)[1] for e in bad.examples] == [
+        "empty image",
+        "not a decodable image (truncated or not JPEG/PNG/GIF/BMP)",
+        "not a decodable image (truncated or not JPEG/PNG/GIF/BMP)",
+    ]
+    assert bad.examples[0].startswith(f"{path} row group 0 row 0")
+
+
+def test_bad_records_fail_names_the_first_and_a_shard_of_only_bad_records_ends(tmp_path):
+    from tests.conftest import write_bad_parquet
+
+    path = str(tmp_path / "bad.parquet")
+    write_bad_parquet(path)
+    index = parquet.scan(path, "image", "label")
+    plan = plan_dataset(index, index, 0.0, 1, seed=0)
+    units = [u for u in plan.train.shards[0] if u.row_group == 0]
+    ds = make_dataset(units, 3, plan.classes, "image", "label", (32, 32), 2, True, bad=BadRecords("fail"))
+    with pytest.raises(tf.errors.OpError, match="data.bad_records is fail: .*row group 0 row 0: empty image"):
+        next(iter(ds))
+    only_bad = [type(u)(u.file, 0, tuple(r for r in u.rows if r < 3)) for u in units]
+    with pytest.raises(tf.errors.OpError, match="none of the 3 rows of a worker's shard is usable; last: .*row 2"):
+        next(iter(make_dataset(only_bad, 3, plan.classes, "image", "label", (32, 32), 2, True, bad=BadRecords("skip"))))
 
 
 def test_scan_reads_a_glob_of_files(tmp_path):

@@ -41,7 +41,7 @@ class Run:
 @dataclass(frozen=True)
 class Data:
     train: str = ""
-    format: str = "parquet"
+    format: str = "parquet"  # parquet | images (a folder <root>/<class>/<file>, or a CSV/Parquet manifest)
     validation: str | None = None
     validation_split: float = 0.1
     image_column: str = "image"
@@ -252,7 +252,7 @@ def _check_values(c: Config, source: str) -> None:
     at_least("run.checkpoints_to_keep", c.run.checkpoints_to_keep, 1)
     if not c.data.train:
         fail("data.train", "required: a Parquet file, folder or glob")
-    one_of("data.format", c.data.format, ("parquet",))
+    one_of("data.format", c.data.format, ("parquet", "images"))
     if not 0.0 <= c.data.validation_split < 1.0:
         fail("data.validation_split", f"must be in [0, 1), got {c.data.validation_split}")
     if c.data.validation is None and c.data.validation_split == 0.0:

@@ -12,11 +12,13 @@ import io
 import json
 import os
 import tempfile
-
-import tensorflow as tf
+from typing import TYPE_CHECKING
 
 from transfer import storage
 from transfer.errors import DataError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 MANIFEST = "manifest.json"
 MODEL = "model.keras"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
 
 import pyarrow.fs as pafs
+import smart_open
 
 
 def is_uri(location: str) -> bool:
@@ -26,6 +28,32 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(location):
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), absolute(location)
+
+
+def redact(location: str) -> str:
+    """A location with any credentials in it (scheme://user:secret@host/...) hidden, for messages and files."""
+    return re.sub(r"^([a-zA-Z][\w+.-]*://)[^/@]*@", r"\1***@", location)
+
+
+def check_credentials(location: str) -> None:
+    """Raises PermissionError when an s3:// location has no credentials in the standard chain.
+
+    Without them S3 clients fall back to anonymous requests, whose errors do not say what is missing.
+    """
+    if location.startswith("s3://"):
+        import boto3
+
+        if boto3.Session().get_credentials() is None:
+            raise PermissionError(
+                "no AWS credentials found (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile in ~/.aws, or an "
+                "instance or pod role)"
+            )
+
+
+def read_object(location: str) -> bytes:
+    """One whole object or file, through smart-open (the standard credential chains; AWS_ENDPOINT_URL)."""
+    with smart_open.open(location, "rb", compression="disable") as f:
+        return f.read()
 
 
 def join(location: str, *parts: str) -> str:
@@ -114,5 +142,8 @@ def list_files(location: str, suffixes: tuple[str, ...]) -> list[str]:
                 and not os.path.basename(i.path).startswith((".", "_"))
             ]
         else:
+            bucket = path.split("/", 1)[0]
+            if scheme and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise FileNotFoundError(f"bucket {bucket!r} does not exist")
             paths = []
     return sorted(scheme + p for p in paths)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -15,12 +16,13 @@ import tensorflow as tf
 
 from transfer import storage
 from transfer.config import Config, from_dict
-from transfer.data.pipeline import make_dataset
+from transfer.data.pipeline import BadRecords, make_dataset
 from transfer.data.plan import DatasetPlan, Split
 from transfer.model import build_model, compile_model, unfreeze_model
 
 WEIGHTS = "weights/ckpt"  # TF-format checkpoint: the model's weights and the optimizer's state
 STATE = "state.json"  # the pass, the last finished epoch and the per-epoch history
+BAD_RECORDS = "bad_records"  # one JSON file per rank: the bad records it found, and the first few
 CONFIG = "config.yaml"
 
 
@@ -80,12 +82,13 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         # Create the optimizer's slots now, so a checkpoint restores them at once instead of lazily.
         model.optimizer.build(model.trainable_variables)
 
-    history = restore(model, ray.train.get_checkpoint())
+    history = restore(model, ray.train.get_checkpoint())["history"]
     if history and rank == 0:
         _post(spec, {"event": "resume", "pass": spec.pass_name, "epoch": len(history)})
 
     data = cfg.data
     batch_size = spec.batch_size
+    bad = BadRecords(data.bad_records)
 
     def dataset(split: Split, training: bool):
         def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -98,6 +101,7 @@ def train_loop_per_worker(spec: PassSpec) -> None:
                 data.image_size,
                 batch_size,
                 training=training,
+                bad=bad,
                 shuffle_buffer=data.shuffle_buffer,
                 seed=data.seed + context.input_pipeline_id,
             )
@@ -105,27 +109,37 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         return strategy.distribute_datasets_from_function(fn)
 
     steps = spec.plan.steps_per_epoch(batch_size)
-    model.fit(
-        dataset(spec.plan.train, training=True),
-        epochs=spec.epochs,
-        initial_epoch=len(history),
-        steps_per_epoch=steps,
-        validation_data=dataset(spec.plan.validation, training=False),
-        validation_steps=spec.plan.validation_steps(batch_size),
-        callbacks=[CheckpointEachEpoch(spec, history, rank, images_per_epoch=steps * batch_size * _world_size())],
-        verbose=0,
-    )
+    callback = CheckpointEachEpoch(spec, history, rank, steps * batch_size * _world_size(), strategy, bad)
+    try:
+        model.fit(
+            dataset(spec.plan.train, training=True),
+            epochs=spec.epochs,
+            initial_epoch=len(history),
+            steps_per_epoch=steps,
+            validation_data=dataset(spec.plan.validation, training=False),
+            validation_steps=spec.plan.validation_steps(batch_size),
+            callbacks=[callback],
+            verbose=0,
+        )
+    except Exception:
+        if bad.error is not None:  # the pipeline stopped on a bad record: say which, not TensorFlow's wrapper
+            raise bad.error from None
+        raise
 
 
-def restore(model: tf.keras.Model, checkpoint: ray.train.Checkpoint | None) -> list[dict]:
-    """Loads weights and optimizer state from a checkpoint; returns its per-epoch history ([] when none)."""
+def restore(model: tf.keras.Model, checkpoint: ray.train.Checkpoint | None) -> dict:
+    """Loads weights and optimizer state from a checkpoint.
+
+    Returns its per-epoch `history` ([] without a checkpoint) and the `bad_records` all ranks found.
+    """
     if checkpoint is None:
-        return []
+        return {"history": [], "bad_records": {"found": 0, "examples": []}}
     with checkpoint.as_directory() as directory:
         # Partial: a model without an optimizer (the driver's, for export) restores the weights alone.
         model.load_weights(os.path.join(directory, WEIGHTS)).expect_partial()
         with open(os.path.join(directory, STATE)) as f:
-            return json.load(f)["history"]
+            history = json.load(f)["history"]
+        return {"history": history, "bad_records": read_bad_records(directory)}
 
 
 class CheckpointEachEpoch(tf.keras.callbacks.Callback):
@@ -135,9 +149,19 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
     temporary folder; only rank 0's checkpoint is handed to Ray Train.
     """
 
-    def __init__(self, spec: PassSpec, history: list[dict], rank: int, images_per_epoch: int):
+    def __init__(
+        self,
+        spec: PassSpec,
+        history: list[dict],
+        rank: int,
+        images_per_epoch: int,
+        strategy: tf.distribute.Strategy,
+        bad: BadRecords,
+    ):
         super().__init__()
         self.spec, self.history, self.rank, self.images_per_epoch = spec, history, rank, images_per_epoch
+        self.strategy, self.bad = strategy, bad
+        self.skipped_before = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.start = time.monotonic()
@@ -151,20 +175,43 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
         row["images_per_s"] = self.images_per_epoch / (self.train_seconds or seconds)
         row["seconds"] = seconds
+        skipped = self._sum_over_workers(self.bad.skipped)
+        row["bad_records"], self.skipped_before = skipped - self.skipped_before, skipped
         self.history.append(row)
         with tempfile.TemporaryDirectory(prefix="transfer-ckpt-") as directory:
             self.model.save_weights(os.path.join(directory, WEIGHTS))
-            checkpoint = None
             if self.rank == 0:
                 state = {"pass": self.spec.pass_name, "epoch": epoch + 1, "history": self.history}
                 with open(os.path.join(directory, STATE), "w") as f:
                     json.dump(state, f, indent=1)
                 with open(os.path.join(directory, CONFIG), "w") as f:
                     f.write(self.spec.cfg.to_yaml())
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(row, checkpoint=checkpoint)
+            else:
+                shutil.rmtree(os.path.join(directory, os.path.dirname(WEIGHTS)))  # rank 0's weights are the ones
+            # Every rank adds its own bad records; Ray Train merges the ranks' folders into one checkpoint.
+            os.makedirs(os.path.join(directory, BAD_RECORDS))
+            with open(os.path.join(directory, BAD_RECORDS, f"rank-{self.rank}.json"), "w") as f:
+                json.dump({"found": len(self.bad.found), "examples": self.bad.examples}, f)
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory))
         if self.rank == 0:
             _post(self.spec, {"event": "epoch", "pass": self.spec.pass_name, "epochs": self.spec.epochs, **row})
+
+    def _sum_over_workers(self, value: int) -> int:
+        """An all-reduce of one number; every rank calls it at the same point of every epoch."""
+        per_replica = self.strategy.run(lambda: tf.constant(value, tf.int64))
+        return int(self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
+
+
+def read_bad_records(checkpoint_dir: str) -> dict:
+    """All ranks' bad records in a checkpoint: how many distinct ones, and the first few."""
+    found, examples = 0, []
+    folder = os.path.join(checkpoint_dir, BAD_RECORDS)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, name)) as f:
+            rank = json.load(f)
+        found += rank["found"]
+        examples += rank["examples"]
+    return {"found": found, "examples": examples}
 
 
 def _post(spec: PassSpec, event: dict) -> None:

@@ -8,7 +8,7 @@ Rows are handed out in storage order, so a worker reads few row groups, each one
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,6 +38,7 @@ class DatasetPlan:
     classes: list[str]
     train: Split
     validation: Split
+    left_out: list[str] = field(default_factory=list)  # rows left out while planning (null labels), and why
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return self.train.rows_per_worker // batch_size
@@ -61,21 +62,28 @@ def plan_dataset(
 ) -> DatasetPlan:
     """Splits off validation rows (when no validation set is given) and shards both sets over the workers."""
     classes = class_names(train.labels)
+    labelled = _labelled_rows(train)
     if validation is None:
-        order = np.random.default_rng(seed).permutation(train.num_rows)
-        num_val = max(1, round(train.num_rows * validation_split))
+        order = np.random.default_rng(seed).permutation(labelled)
+        num_val = max(1, round(len(labelled) * validation_split))
         val_rows, train_rows = np.sort(order[:num_val]), np.sort(order[num_val:])
         val_split = shard_rows(train, val_rows, num_workers, "data.validation_split")
+        left_out = train.left_out
     else:
-        unknown = sorted({str(v) for v in validation.labels} - set(classes))
+        unknown = sorted({str(v) for v in validation.labels if v is not None} - set(classes))
         if unknown:
             raise DataError(f"data.validation: label {unknown[0]!r} does not occur in data.train")
-        train_rows = np.arange(train.num_rows)
-        val_split = shard_rows(validation, np.arange(validation.num_rows), num_workers, "data.validation")
+        train_rows = labelled
+        val_split = shard_rows(validation, _labelled_rows(validation), num_workers, "data.validation")
+        left_out = train.left_out + validation.left_out
     missing = sorted(set(classes) - {str(train.labels[i]) for i in train_rows})
     if missing:
         raise DataError(f"data.validation_split: class {missing[0]!r} has no training rows left after the split")
-    return DatasetPlan(classes, shard_rows(train, train_rows, num_workers, "data.train"), val_split)
+    return DatasetPlan(classes, shard_rows(train, train_rows, num_workers, "data.train"), val_split, left_out)
+
+
+def _labelled_rows(index: ParquetIndex) -> np.ndarray:
+    return np.flatnonzero([label is not None for label in index.labels])
 
 
 def shard_rows(index: ParquetIndex, rows: np.ndarray, num_workers: int, key: str) -> Split:

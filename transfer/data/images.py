@@ -1,0 +1,85 @@
+"""Image datasets (`data.format: images`): a folder `<root>/<class>/<file>` or a manifest (CSV or Parquet).
+
+Either one becomes a Parquet manifest of (image URI, label) rows in the run's storage; from there on it is a
+Parquet dataset whose image column holds URIs, planned and read like any other.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from transfer import storage
+from transfer.data.parquet import first_line, list_or_fail
+from transfer.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+ROWS_PER_GROUP = 256  # a row group is the unit of sharding: small enough to balance, large enough to batch reads
+
+
+def write_manifest(location: str, image_column: str, label_column: str, key: str, target: str) -> str:
+    """Lists an image folder, or reads a manifest, and writes it to `target` as Parquet; returns `target`."""
+    if location.lower().endswith(MANIFEST_SUFFIXES):
+        table = _read_manifest(location, image_column, label_column, key)
+    else:
+        table = _list_folder(location, image_column, label_column, key)
+    if table.num_rows == 0:
+        raise DataError(f"{key}: {storage.redact(location)}: no images found")
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=ROWS_PER_GROUP)
+    storage.write_bytes(target, buffer.getvalue())
+    return target
+
+
+def _list_folder(root: str, image_column: str, label_column: str, key: str) -> pa.Table:
+    """One row per image under <root>/<class>/; every class folder must hold at least one image."""
+    root = root.rstrip("/")
+    files = list_or_fail(root, IMAGE_SUFFIXES, key)
+    uris, labels = [], []
+    for file in files:
+        relative = file[len(root) + 1 :]
+        if "/" not in relative:
+            raise DataError(f"{key}: {storage.redact(file)}: an image outside a class folder (<root>/<class>/<file>)")
+        uris.append(file)
+        labels.append(relative.split("/", 1)[0])
+    fs, path = storage.resolve(root)
+    folders = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    for folder in (f for f in folders if f.type == pafs.FileType.Directory):
+        if folder.base_name not in labels and not folder.base_name.startswith((".", "_")):
+            raise DataError(
+                f"{key}: class {folder.base_name!r} ({storage.redact(root)}/{folder.base_name}/) has no images"
+            )
+    return pa.table({image_column: pa.array(uris, pa.string()), label_column: pa.array(labels, pa.string())})
+
+
+def _read_manifest(location: str, image_column: str, label_column: str, key: str) -> pa.Table:
+    """A CSV or Parquet manifest; relative image paths are relative to the manifest's folder."""
+    try:
+        data = storage.read_bytes(location)
+        if location.lower().endswith(".csv"):
+            table = pacsv.read_csv(io.BytesIO(data))
+        else:
+            table = pq.read_table(io.BytesIO(data))
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{key}: {storage.redact(location)}: cannot read the manifest: {first_line(e)}") from None
+    for column, column_key in ((image_column, "data.image_column"), (label_column, "data.label_column")):
+        if column not in table.column_names:
+            raise DataError(
+                f"{column_key}: {storage.redact(location)}: no column {column!r} "
+                f"(columns: {', '.join(table.column_names)})"
+            )
+    base = posixpath.dirname(location)
+    uris = [
+        None if uri is None else uri if storage.is_uri(uri) or uri.startswith("/") else posixpath.join(base, uri)
+        for uri in table.column(image_column).to_pylist()
+    ]
+    labels = table.column(label_column)
+    if not (pa.types.is_integer(labels.type) or pa.types.is_string(labels.type)):
+        labels = labels.cast(pa.string())
+    return pa.table({image_column: pa.array(uris, pa.string()), label_column: labels})
