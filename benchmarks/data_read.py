@@ -27,7 +27,6 @@ sys.path.insert(0, REPO)
 
 def read_one_shard(location: str, image_size: int, batch_size: int) -> dict:
     """What one worker does with its shard: plan (as the driver), then read it through the pipeline once."""
-    import transfer  # noqa: F401
 
     from transfer.data import parquet
     from transfer.data.pipeline import BadRecords, make_dataset
@@ -40,20 +39,26 @@ def read_one_shard(location: str, image_size: int, batch_size: int) -> dict:
         split.shards[0], split.rows_per_worker, plan.classes, "image", "label", (image_size, image_size),
         batch_size, training=False, bad=BadRecords("skip"),
     )  # fmt: skip
+    before = _peak_rss_mb()  # TensorFlow, pyarrow and the plan: what the worker holds before it reads
     start = time.perf_counter()
     rows = sum(int(images.shape[0]) for images, _ in ds)
     seconds = time.perf_counter() - start
+    peak = _peak_rss_mb()
     return {
         "rows": rows,
         "seconds": seconds,
         "images_per_s": rows / seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak,
+        "rss_growth_while_reading_mb": peak - before,
     }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_dataset_files(directory: str, images: int, size: int) -> None:
     """JPEGs of the demo's classes, in 4 Parquet files of 256-row row groups."""
-    import transfer  # noqa: F401
 
     from transfer import demo
 
@@ -103,9 +108,9 @@ def measure(location: str, env: dict, image_size: int, batch_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="results-data.json")
-    parser.add_argument("--images", type=int, default=2000, help="images in the 1x dataset")
+    parser.add_argument("--images", type=int, default=4000, help="images in the 1x dataset")
     parser.add_argument("--image-size", type=int, default=128, help="side of the stored JPEGs")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -138,7 +143,10 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     medians = {
-        name: {k: statistics.median(r[k] for r in results) for k in ("images_per_s", "peak_rss_mb", "rows")}
+        name: {
+            k: statistics.median(r[k] for r in results)
+            for k in ("images_per_s", "peak_rss_mb", "rss_growth_while_reading_mb", "rows")
+        }
         for name, results in runs.items()
     }
     ratios = {
@@ -165,9 +173,12 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"{'contender':<10} {'rows':>6} {'images/s':>9} {'peak RSS MB':>12}")
+    print(f"{'contender':<10} {'rows':>6} {'images/s':>9} {'peak RSS MB':>12} {'growth MB':>10}")
     for name, m in medians.items():
-        print(f"{name:<10} {m['rows']:>6.0f} {m['images_per_s']:>9.0f} {m['peak_rss_mb']:>12.0f}")
+        print(
+            f"{name:<10} {m['rows']:>6.0f} {m['images_per_s']:>9.0f} {m['peak_rss_mb']:>12.0f} "
+            f"{m['rss_growth_while_reading_mb']:>10.0f}"
+        )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
 

@@ -34,31 +34,35 @@ def main(argv: list[str] | None = None) -> int:
     from transfer.errors import TransferError
     from transfer.job import import_tensorflow, run_job
 
+    attempt: dict = {"pass": args.passes}  # what a failure's summary line can say of the run
     try:
         base = None
         if not args.config:  # the demo: its assets are made with TensorFlow
             import_tensorflow(args.verbose)
             base = demo.demo_config(demo.prepare())
         cfg = load_config(args.config, args.overrides, base=base)
+        attempt["run"] = cfg.run.name
         passes = ["head", "finetune"] if args.passes == "all" else [args.passes]
         summary = run_job(cfg, passes, verbose=args.verbose)
     except TransferError as e:
-        _report(args, e)
-        return e.exit_code
+        return _fail(args, e, e.exit_code, attempt)
     except Exception as e:
-        _report(args, e, prefix="training failed: ")
-        return 1
+        return _fail(args, e, 1, attempt, prefix="training failed: ")
     for name, result in summary["passes"].items():
         print(f"{name}: val_accuracy {result['final']['val_accuracy']:.3f}, export at {result['export']}")
     print(json.dumps({"status": "succeeded", **summary}), flush=True)
     return 0
 
 
-def _report(args: argparse.Namespace, error: Exception, prefix: str = "") -> None:
+def _fail(args: argparse.Namespace, error: Exception, exit_code: int, attempt: dict, prefix: str = "") -> int:
+    """One line on stderr (the traceback too with --debug), and the JSON summary line on stdout."""
     if args.debug:
         traceback.print_exc()
     lines = str(error).strip().splitlines() or [type(error).__name__]
-    print(f"error: {prefix}{lines[0]}", file=sys.stderr)
+    message = f"{prefix}{lines[0]}"
+    print(f"error: {message}", file=sys.stderr)
+    print(json.dumps({"status": "failed", **attempt, "exit_code": exit_code, "error": message}), flush=True)
+    return exit_code
 
 
 if __name__ == "__main__":

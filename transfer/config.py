@@ -98,12 +98,19 @@ class Config:
         return _to_plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The resolved config as saved next to checkpoints and exports, with credentials in URIs hidden."""
+        return yaml.safe_dump(_redacted(self.to_dict()), sort_keys=False)
 
     @property
     def run_uri(self) -> str:
         """Where this run's checkpoints and exports live: <run.storage>/<run.name>."""
         return f"{self.run.storage.rstrip('/')}/{self.run.name}"
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    return storage.redact(value) if isinstance(value, str) else value
 
 
 def _to_plain(value: Any) -> Any:

@@ -45,16 +45,35 @@ def is_complete(location: str) -> bool:
     return storage.exists(storage.join(location, MANIFEST))
 
 
-def check_complete(location: str, key: str) -> None:
-    """Refuses an export that has no manifest or whose files differ from it in size."""
+def check_complete(location: str, key: str = "export") -> None:
+    """Refuses an export without a manifest, or whose files are missing or differ from it (size, sha256)."""
+    shown = storage.redact(location)
     if not is_complete(location):
-        raise DataError(f"{key}: {location} is not a complete export (no {MANIFEST}); run the pass that writes it")
+        raise DataError(f"{key}: {shown} is not a complete export (no {MANIFEST}); run the pass that writes it")
     manifest = json.loads(storage.read_text(storage.join(location, MANIFEST)))
     fs, root = storage.resolve(location)
-    for name, entry in manifest["files"].items():
-        info = fs.get_file_info(f"{root}/{name}")
+    for name, entry in sorted(manifest["files"].items()):
+        path = f"{root.rstrip('/')}/{name}"
+        info = fs.get_file_info(path)
+        if info.size is None:
+            raise DataError(f"{key}: {shown}/{name} is missing; the export is incomplete")
         if info.size != entry["size"]:
-            raise DataError(f"{key}: {location}/{name} has {info.size} bytes, its manifest says {entry['size']}")
+            raise DataError(f"{key}: {shown}/{name} has {info.size} bytes, its manifest says {entry['size']}")
+        digest = hashlib.sha256()
+        with fs.open_input_stream(path) as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            raise DataError(f"{key}: {shown}/{name} differs from its manifest (sha256): the export was altered")
+
+
+def load_model(location: str) -> tf.keras.Model:
+    """Loads an export's model.keras after checking it against its manifest; never runs code from it."""
+    import tensorflow as tf
+
+    check_complete(location)
+    with storage.local_copy(storage.join(location, MODEL)) as path:
+        return tf.keras.models.load_model(path, safe_mode=True)
 
 
 def read_metrics(location: str) -> dict:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import glob as globlib
 import os
 import re
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
@@ -24,10 +26,18 @@ def absolute(location: str) -> str:
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and the path inside it for a local path or URI."""
-    if is_uri(location):
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), absolute(location)
+    """The filesystem and the path inside it for a local path or URI; one filesystem per bucket and process."""
+    if not is_uri(location) or location.startswith("file://"):
+        return pafs.LocalFileSystem(), absolute(location.removeprefix("file://"))
+    parts = urllib.parse.urlsplit(location)
+    bucket = parts.hostname or ""
+    return _filesystem(parts.scheme, parts.netloc, parts.query), bucket + parts.path
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme: str, netloc: str, query: str) -> pafs.FileSystem:
+    # Made once: creating an S3 filesystem resolves the bucket's region with a request.
+    return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/" + (f"?{query}" if query else ""))[0]
 
 
 def redact(location: str) -> str:
@@ -52,8 +62,17 @@ def check_credentials(location: str) -> None:
 
 def read_object(location: str) -> bytes:
     """One whole object or file, through smart-open (the standard credential chains; AWS_ENDPOINT_URL)."""
-    with smart_open.open(location, "rb", compression="disable") as f:
+    params = {"client": _s3_client()} if location.startswith("s3://") else {}
+    with smart_open.open(location, "rb", compression="disable", transport_params=params) as f:
         return f.read()
+
+
+@functools.lru_cache(maxsize=1)
+def _s3_client():
+    """One boto3 client per process (they are thread-safe): a new one per object costs more than the read."""
+    import boto3
+
+    return boto3.client("s3")
 
 
 def join(location: str, *parts: str) -> str:

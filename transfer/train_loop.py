@@ -34,7 +34,7 @@ class PassSpec:
     pass_name: str  # head | finetune
     plan: DatasetPlan
     init_model: str | None  # finetune: the model.keras to start from
-    progress: Any = None  # a ray.util.queue.Queue the driver prints from; rank 0 puts events in it
+    progress: Any = None  # a ray.util.queue.Queue the driver prints from; rank 0 posts when it starts
 
     @cached_property
     def cfg(self) -> Config:
@@ -83,8 +83,8 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         model.optimizer.build(model.trainable_variables)
 
     history = restore(model, ray.train.get_checkpoint())["history"]
-    if history and rank == 0:
-        _post(spec, {"event": "resume", "pass": spec.pass_name, "epoch": len(history)})
+    if rank == 0 and spec.progress is not None:
+        spec.progress.put({"event": "start", "pass": spec.pass_name, "epoch": len(history)})
 
     data = cfg.data
     batch_size = spec.batch_size
@@ -192,9 +192,8 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
             os.makedirs(os.path.join(directory, BAD_RECORDS))
             with open(os.path.join(directory, BAD_RECORDS, f"rank-{self.rank}.json"), "w") as f:
                 json.dump({"found": len(self.bad.found), "examples": self.bad.examples}, f)
-            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        if self.rank == 0:
-            _post(self.spec, {"event": "epoch", "pass": self.spec.pass_name, "epochs": self.spec.epochs, **row})
+            report = {"pass": self.spec.pass_name, "epochs": self.spec.epochs, **row}
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     def _sum_over_workers(self, value: int) -> int:
         """An all-reduce of one number; every rank calls it at the same point of every epoch."""
@@ -212,11 +211,6 @@ def read_bad_records(checkpoint_dir: str) -> dict:
         found += rank["found"]
         examples += rank["examples"]
     return {"found": found, "examples": examples}
-
-
-def _post(spec: PassSpec, event: dict) -> None:
-    if spec.progress is not None:
-        spec.progress.put(event)
 
 
 def _world_size() -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.tensorflow import TensorflowTrainer
 from ray.util.queue import Empty, Queue
 
@@ -14,25 +15,27 @@ from transfer.data.parquet import MAX_EXAMPLES
 from transfer.data.plan import DatasetPlan
 from transfer.errors import TrainingError, TransferError
 from transfer.job import Echo
-from transfer.train_loop import PassSpec, build_pass_model, restore, train_loop_per_worker
+from transfer.train_loop import STATE, PassSpec, build_pass_model, restore, train_loop_per_worker
 
 
 def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict:
     """Trains one pass (resuming from its latest checkpoint, if any) and exports it; skips a finished pass."""
     export_uri = storage.join(cfg.run_uri, "export", pass_name)
+    shown_uri = storage.redact(export_uri)
     epochs = cfg.head.epochs if pass_name == "head" else cfg.finetune.epochs
     if export.is_complete(export_uri):
         final = export.read_metrics(export_uri)["final"]
         if final["epoch"] >= epochs:
-            echo(f"{pass_name}: already finished ({final['epoch']} epochs); export at {export_uri}")
-            return {"status": "skipped", "export": export_uri, "final": final}
+            echo(f"{pass_name}: already finished ({final['epoch']} epochs); export at {shown_uri}")
+            return {"status": "skipped", "export": shown_uri, "final": final}
 
     init_model = None
     if pass_name == "finetune":
         init_uri = cfg.finetune.init_from or storage.join(cfg.run_uri, "export", "head")
         export.check_complete(init_uri, "finetune.init_from")
         init_model = storage.join(init_uri, export.MODEL)
-    spec = PassSpec(cfg.to_dict(), pass_name, plan, init_model, progress=Queue())
+    progress = Progress(pass_name, cfg.scaling.max_failures, echo)
+    spec = PassSpec(cfg.to_dict(), pass_name, plan, init_model, progress=progress.queue)
     # Built here first: a bad unfreeze setting fails now, not on every worker; the export reuses it.
     model = build_pass_model(spec, backbone_weights="none")
 
@@ -49,10 +52,15 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
             storage_path=storage.absolute(cfg.run_uri),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            callbacks=[PostEpochs(progress.queue)],
         ),
     )
     echo(f"{pass_name}: training {epochs} epochs on {cfg.scaling.num_workers} workers")
-    result = _fit_printing_progress(trainer, spec.progress, echo)
+    run_folder = storage.join(cfg.run_uri, pass_name)
+    try:
+        result = progress.fit(trainer)
+    except Exception as e:
+        raise training_error(e, pass_name, run_folder, len(progress.resumed_from)) from e
     if result.checkpoint is None:
         raise TrainingError(f"{pass_name}: training ended without a checkpoint")
 
@@ -62,6 +70,7 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
         "pass": pass_name,
         "final": history[-1],
         "history": history,
+        "restarts": {"count": len(progress.resumed_from), "resumed_after_epoch": progress.resumed_from},
         "bad_records": {
             "left_out_while_planning": len(plan.left_out),
             "found_while_reading": bad["found"],
@@ -69,35 +78,73 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
         },
     }
     export.write_export(model, plan.classes, cfg.to_yaml(), metrics, export_uri)
-    echo(f"{pass_name}: exported to {export_uri}")
-    return {"status": "trained", "export": export_uri, "final": history[-1]}
+    echo(f"{pass_name}: exported to {shown_uri}")
+    return {"status": "trained", "export": shown_uri, "final": history[-1]}
 
 
-def _fit_printing_progress(trainer: TensorflowTrainer, progress: Queue, echo: Echo):
-    """Runs trainer.fit() in a thread and prints rank 0's progress events as they arrive."""
-    outcome: dict = {}
+class PostEpochs(UserCallback):
+    """Runs in the Ray Train controller: posts an epoch once its checkpoint is registered, so an epoch the driver
+    prints is one that a restart resumes after."""
 
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except Exception as e:  # handed to the main thread
-            outcome["error"] = e
+    def __init__(self, queue: Queue):
+        self.queue = queue
 
-    thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
-    thread.start()
-    while thread.is_alive() or not progress.empty():
-        try:
-            echo(format_event(progress.get(timeout=0.5)))
-        except Empty:
-            continue
-    if "error" in outcome:
-        raise _training_error(outcome["error"])
-    return outcome["result"]
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        self.queue.put({"event": "epoch", **metrics[0]})  # rank 0's: its metrics are global (MWMS reduces them)
 
 
-def format_event(event: dict) -> str:
-    if event["event"] == "resume":
-        return f"{event['pass']}: resuming after epoch {event['epoch']} from its latest checkpoint"
+class Progress:
+    """The driver's view of a pass: prints events as they come and counts worker-group restarts.
+
+    Rank 0 posts `start` each time the train loop starts (after a restart too); PostEpochs posts each epoch.
+    """
+
+    def __init__(self, pass_name: str, max_failures: int, echo: Echo):
+        self.pass_name, self.max_failures, self.echo = pass_name, max_failures, echo
+        self.queue = Queue()
+        self.resumed_from: list[int] = []  # per restart, the epoch it resumed after
+        self.starts = 0
+        self.last_epoch = 0
+
+    def handle(self, event: dict) -> None:
+        name = self.pass_name
+        if event["event"] == "start":
+            self.starts += 1
+            if self.starts > 1:
+                self.resumed_from.append(event["epoch"])
+                self.echo(
+                    f"{name}: worker group restarted ({len(self.resumed_from)} of at most {self.max_failures}); "
+                    f"resuming after epoch {event['epoch']}"
+                )
+            elif event["epoch"]:
+                self.echo(f"{name}: resuming after epoch {event['epoch']} from its latest checkpoint")
+        else:
+            self.last_epoch = event["epoch"]
+            self.echo(format_epoch(event))
+
+    def fit(self, trainer: TensorflowTrainer):
+        """Runs trainer.fit() in a thread, handling events until it ends."""
+        outcome: dict = {}
+
+        def fit() -> None:
+            try:
+                outcome["result"] = trainer.fit()
+            except Exception as e:  # handed to the main thread
+                outcome["error"] = e
+
+        thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
+        thread.start()
+        while thread.is_alive() or not self.queue.empty():
+            try:
+                self.handle(self.queue.get(timeout=0.5))
+            except Empty:
+                continue
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+
+def format_epoch(event: dict) -> str:
     return (
         f"{event['pass']} epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.4f} "
         f"accuracy {event['accuracy']:.3f} val_loss {event['val_loss']:.4f} "
@@ -106,8 +153,21 @@ def format_event(event: dict) -> str:
     )
 
 
-def _training_error(error: Exception) -> TransferError:
-    """The user's own error when a worker raised one (config, data); else a one-line training failure."""
+def latest_checkpoint(run_folder: str) -> tuple[str, int] | None:
+    """The newest checkpoint of a Ray Train run folder that holds a whole state, and its epoch."""
+    best = None
+    for state_file in storage.list_files(run_folder, (STATE,)):
+        if not state_file.rsplit("/", 2)[-2].startswith("checkpoint_"):
+            continue
+        epoch = json.loads(storage.read_text(state_file))["epoch"]
+        if best is None or epoch > best[1]:
+            best = (state_file.rsplit("/", 1)[0], epoch)
+    return best
+
+
+def training_error(error: Exception, pass_name: str, run_folder: str, restarts: int) -> TransferError:
+    """The user's own error when a worker raised one (config, data); else one line on what failed and what is
+    left: the latest good checkpoint, which a rerun resumes from."""
     failures = getattr(error, "worker_failures", None) or {}
     for failure in failures.values():
         cause = getattr(failure, "cause", failure)
@@ -116,4 +176,13 @@ def _training_error(error: Exception) -> TransferError:
     cause = next(iter(failures.values()), error)
     cause = getattr(cause, "cause", cause)
     lines = [line for line in str(cause).splitlines() if line.strip()]
-    return TrainingError(f"training failed: {type(cause).__name__}: {lines[-1] if lines else ''}")
+    latest = latest_checkpoint(run_folder)
+    kept = (
+        f"latest good checkpoint: {storage.redact(latest[0])} (epoch {latest[1]}); rerun to resume from it"
+        if latest
+        else "no checkpoint was written"
+    )
+    return TrainingError(
+        f"{pass_name} failed after {restarts} worker-group restarts: {type(cause).__name__}: "
+        f"{lines[-1] if lines else ''}; {kept}"
+    )

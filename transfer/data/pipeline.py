@@ -160,7 +160,7 @@ def make_dataset(
     if training:
         ids = ids.shuffle(len(units), seed=seed, reshuffle_each_iteration=True)
     ds = ids.interleave(
-        rows_of, cycle_length=PARALLEL_UNITS, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training
+        rows_of, cycle_length=PARALLEL_UNITS, num_parallel_calls=PARALLEL_UNITS, deterministic=not training
     ).repeat()  # pass after pass, each in a new unit order
     ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE)
     if training:

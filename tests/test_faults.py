@@ -1,0 +1,169 @@
+"""Real faults on a real local Ray with 2 workers, run storage on the S3 endpoint: killed workers and drivers,
+too many failures, damaged exports."""
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import REPO, run_cli, write_config
+from transfer import storage
+
+pytestmark = pytest.mark.integration
+
+
+class Job:
+    """`python -m jobs.train ARGS` in the background, its stdout lines collected as they come."""
+
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "jobs.train", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.stderr: list[str] = []
+        self._new: queue.Queue = queue.Queue()
+        self._readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._new.put(line)
+
+    def wait_for(self, prefix: str, timeout: float = 300) -> float:
+        """Waits for a stdout line starting with `prefix`; returns when it came (time.monotonic())."""
+        deadline = time.monotonic() + timeout
+        while not any(line.startswith(prefix) for line in self.lines):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.process.poll() is not None and self._new.empty():
+                raise AssertionError(f"no line {prefix!r}; stdout so far: {self.lines[-10:]}")
+            try:
+                self._new.get(timeout=min(remaining, 1))
+            except queue.Empty:
+                pass
+        return time.monotonic()
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        self.process.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return self.process.returncode, "".join(self.stderr)
+
+
+def ray_train_worker_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"ray::RayTrainWorker" in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return sorted(pids)
+
+
+def kill_one_worker() -> float:
+    pids = ray_train_worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    return time.monotonic()
+
+
+def metrics_of(uri: str) -> dict:
+    return json.loads(storage.read_text(f"{uri}/metrics.json"))
+
+
+@pytest.fixture(scope="module")
+def killed_worker_run(s3, assets, tmp_path_factory):
+    """A head pass on S3 storage that loses a worker (SIGKILL) after its first checkpoint."""
+    config = write_config(tmp_path_factory.mktemp("kw") / "job.yaml", assets, storage=f"{s3}/runs", name="kill-worker")
+    job = Job(config, "--pass", "head", "--set", "head.epochs=4")
+    job.wait_for("head epoch 1/4")
+    killed = kill_one_worker()
+    restarted = job.wait_for("head: worker group restarted")
+    code, stderr = job.finish()
+    return {"config": config, "code": code, "stderr": stderr, "lines": job.lines, "recovery_s": restarted - killed}
+
+
+def test_a_killed_worker_is_survived_and_recorded(killed_worker_run, s3):
+    run = killed_worker_run
+    assert run["code"] == 0, run["stderr"][-3000:]
+    restart = next(line for line in run["lines"] if line.startswith("head: worker group restarted"))
+    resumed_after = int(restart.rsplit(" ", 1)[1])
+    assert resumed_after >= 1
+    metrics = metrics_of(f"{s3}/runs/kill-worker/export/head")
+    assert metrics["restarts"] == {"count": 1, "resumed_after_epoch": [resumed_after]}
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]  # at most the epoch in flight redone
+    print(f"worker loss: {run['recovery_s']:.1f} s from SIGKILL to the restarted group resuming")
+
+
+def test_a_damaged_head_export_is_refused_by_the_finetune_pass(killed_worker_run, s3):
+    export = f"{s3}/runs/kill-worker/export/head"
+    model = storage.read_bytes(f"{export}/model.keras")
+    storage.write_bytes(f"{export}/model.keras", model[: len(model) // 2])
+    result = run_cli(killed_worker_run["config"], "--pass", "finetune")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.stderr.strip() == (
+        f"error: finetune.init_from: {export}/model.keras has {len(model) // 2} bytes, its manifest says {len(model)}"
+    )
+    assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "failed"
+
+
+def test_past_max_failures_the_job_exits_1_naming_the_latest_checkpoint(s3, assets, tmp_path):
+    config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="no-retries")
+    job = Job(config, "--pass", "head", "--set", "head.epochs=4", "--set", "scaling.max_failures=0")
+    job.wait_for("head epoch 1/4")
+    kill_one_worker()
+    code, stderr = job.finish()
+    assert code == 1
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("error: head failed after 0 worker-group restarts: ")
+    assert f"latest good checkpoint: {s3}/runs/no-retries/head/checkpoint_" in line
+    assert line.endswith("; rerun to resume from it")
+    assert json.loads(job.lines[-1])["status"] == "failed"
+
+
+def test_after_the_driver_is_killed_a_rerun_resumes(s3, assets, tmp_path):
+    config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="kill-driver")
+    job = Job(config, "--pass", "head", "--set", "head.epochs=3")
+    job.wait_for("head epoch 1/3")
+    job.process.send_signal(signal.SIGKILL)
+    job.finish()
+    started = time.monotonic()
+    result = run_cli(config, "--pass", "head", "--set", "head.epochs=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = next(line for line in result.stdout.splitlines() if line.startswith("head: resuming after epoch"))
+    after = int(resumed.split()[4])
+    assert after >= 1
+    assert f"head epoch {after}/3" not in result.stdout and "head epoch 3/3" in result.stdout
+    history = metrics_of(f"{s3}/runs/kill-driver/export/head")["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    print(f"driver loss: the rerun took {time.monotonic() - started:.1f} s for {3 - after} epochs")
+
+
+def test_a_frozen_peer_ends_in_an_error_within_the_collective_timeout_not_a_hang(s3, assets, tmp_path):
+    config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="frozen-peer")
+    job = Job(config, "--pass", "head", "--set", "head.epochs=3", "--set", "scaling.collective_timeout_s=15")
+    job.wait_for("head epoch 1/3")
+    os.kill(ray_train_worker_pids()[-1], signal.SIGSTOP)  # alive to Ray, silent to its peer
+    frozen = time.monotonic()
+    restarted = job.wait_for("head: worker group restarted", timeout=240)
+    code, stderr = job.finish()
+    assert code == 0, stderr[-3000:]
+    assert restarted - frozen < 15 + 60
+    print(f"frozen peer: {restarted - frozen:.1f} s from SIGSTOP to the restarted group resuming")
