@@ -14,7 +14,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from tests.moto_s3 import start_moto_s3  # noqa: E402
 
 
 def read_one_shard(location: str, image_size: int, batch_size: int) -> dict:
@@ -68,31 +69,6 @@ def make_dataset_files(directory: str, images: int, size: int) -> None:
     )  # fmt: skip
 
 
-def start_s3() -> tuple[subprocess.Popen, dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "benchmark",
-        "AWS_SECRET_ACCESS_KEY": "benchmark",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    return server, env
-
-
 def measure(location: str, env: dict, image_size: int, batch_size: int) -> dict:
     args = json.dumps({"location": location, "image_size": image_size, "batch_size": batch_size})
     result = subprocess.run(
@@ -118,7 +94,7 @@ def main() -> None:
         print(json.dumps(read_one_shard(spec["location"], spec["image_size"], spec["batch_size"])))
         return
 
-    server, env = start_s3()
+    server, env = start_moto_s3()
     os.environ.update(env)
     work = tempfile.mkdtemp(prefix="transfer-bench-")
     try:
