@@ -64,21 +64,31 @@ class Job:
         return self.process.returncode, "".join(self.stderr)
 
 
-def ray_train_worker_pids() -> list[int]:
+def ray_train_worker_pids(job: Job) -> list[int]:
+    """The job's Ray Train worker processes: under the local Ray that the job's driver started."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"ray::RayTrainWorker" in f.read():
+                    if b"ray::RayTrainWorker" in f.read() and _descends_from(int(entry), job.process.pid):
                         pids.append(int(entry))
             except OSError:
                 continue
     return sorted(pids)
 
 
-def kill_one_worker() -> float:
-    pids = ray_train_worker_pids()
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    return False
+
+
+def kill_one_worker(job: Job) -> float:
+    pids = ray_train_worker_pids(job)
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGKILL)
     return time.monotonic()
@@ -94,7 +104,7 @@ def killed_worker_run(s3, assets, tmp_path_factory):
     config = write_config(tmp_path_factory.mktemp("kw") / "job.yaml", assets, storage=f"{s3}/runs", name="kill-worker")
     job = Job(config, "--pass", "head", "--set", "head.epochs=4")
     job.wait_for("head epoch 1/4")
-    killed = kill_one_worker()
+    killed = kill_one_worker(job)
     restarted = job.wait_for("head: worker group restarted")
     code, stderr = job.finish()
     return {"config": config, "code": code, "stderr": stderr, "lines": job.lines, "recovery_s": restarted - killed}
@@ -128,7 +138,7 @@ def test_past_max_failures_the_job_exits_1_naming_the_latest_checkpoint(s3, asse
     config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="no-retries")
     job = Job(config, "--pass", "head", "--set", "head.epochs=4", "--set", "scaling.max_failures=0")
     job.wait_for("head epoch 1/4")
-    kill_one_worker()
+    kill_one_worker(job)
     code, stderr = job.finish()
     assert code == 1
     (line,) = stderr.strip().splitlines()
@@ -160,7 +170,7 @@ def test_a_frozen_peer_ends_in_an_error_within_the_collective_timeout_not_a_hang
     config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="frozen-peer")
     job = Job(config, "--pass", "head", "--set", "head.epochs=3", "--set", "scaling.collective_timeout_s=15")
     job.wait_for("head epoch 1/3")
-    os.kill(ray_train_worker_pids()[-1], signal.SIGSTOP)  # alive to Ray, silent to its peer
+    os.kill(ray_train_worker_pids(job)[-1], signal.SIGSTOP)  # alive to Ray, silent to its peer
     frozen = time.monotonic()
     restarted = job.wait_for("head: worker group restarted", timeout=240)
     code, stderr = job.finish()

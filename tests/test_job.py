@@ -39,6 +39,8 @@ def test_one_line_per_epoch_per_pass(finished_run):
     assert len([line for line in lines if line.startswith("head epoch ")]) == 3
     assert len([line for line in lines if line.startswith("finetune epoch ")]) == 2
     assert any(line.startswith("head epoch 3/3: loss ") and "val_accuracy" in line for line in lines)
+    # The frozen backbone ran once per image, not once per epoch.
+    assert any(line.startswith("head: backbone features of 240 images per worker computed in") for line in lines)
 
 
 def test_outputs_are_where_the_contract_says(finished_run):
@@ -95,7 +97,10 @@ def test_rerunning_a_finished_run_does_nothing_and_says_so(finished_run):
 
 
 def test_rerun_resumes_from_the_checkpoint_epoch(assets, tmp_path):
-    config = write_config(tmp_path / "job.yaml", assets, storage=str(tmp_path / "runs"), name="resume")
+    # Augmented, so this head pass reads images every epoch (no feature cache), as the others do not.
+    config = write_config(
+        tmp_path / "job.yaml", assets, storage=str(tmp_path / "runs"), name="resume", data={"augment": ["flip"]}
+    )
     first = summary_of(run_cli(config, "--pass", "head", "--set", "head.epochs=1"))
     assert first["passes"]["head"]["final"]["epoch"] == 1
 

@@ -29,6 +29,7 @@ BACKBONES = (
     "demo_cnn",
 )
 PASSES = ("head", "finetune")
+AUGMENTATIONS = ("flip", "crop", "rotation", "contrast")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Data:
     bad_records: str = "skip"
     seed: int = 0  # the validation split and the shard plan are deterministic for a seed
     shuffle_buffer: int = 1024
+    augment: tuple[str, ...] = ()  # any of flip, crop, rotation, contrast; training images only
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class Head:
     epochs: int = 10
     learning_rate: float = 1e-3
     batch_size: int = 32  # per worker; the global batch is batch_size * num_workers
-    cache_features: str = "auto"
+    cache_features: str = "auto"  # auto: on unless data.augment is set
+    feature_cache_mb: int = 2048  # per worker; larger caches spill to local disk
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class Scaling:
     cpus_per_worker: int = 1
     max_failures: int = 2
     collective_timeout_s: int = 300  # a lost peer inside a collective ends in an error after this
+    mixed_precision: str = "auto"  # auto (float16 on GPU, off on CPU) | float16 | bfloat16 | off
+    jit_compile: bool = False  # XLA
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,19 @@ class Config:
     def to_yaml(self) -> str:
         """The resolved config as saved next to checkpoints and exports, with credentials in URIs hidden."""
         return yaml.safe_dump(_redacted(self.to_dict()), sort_keys=False)
+
+    @property
+    def caches_features(self) -> bool:
+        """Whether the head pass trains on backbone features computed once (they only change with augmentation)."""
+        return self.head.cache_features == "on" or (self.head.cache_features == "auto" and not self.data.augment)
+
+    @property
+    def precision_policy(self) -> str | None:
+        """The Keras mixed-precision policy for the workers, or None for float32."""
+        choice = self.scaling.mixed_precision
+        if choice == "auto":
+            return "mixed_float16" if self.scaling.use_gpu else None
+        return None if choice == "off" else f"mixed_{choice}"
 
     @property
     def run_uri(self) -> str:
@@ -218,6 +236,8 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
             return value
         if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
             args = typing.get_args(option)
+            if args[-1] is Ellipsis and all(isinstance(v, args[0]) for v in value):
+                return tuple(value)
             if len(value) == len(args) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 return tuple(value)
     expected = " or ".join(_type_name(o) for o in options)
@@ -236,7 +256,8 @@ def _type_name(hint: Any) -> str:
     if hint is type(None):
         return "null"
     if typing.get_origin(hint) is tuple:
-        return f"a list of {len(typing.get_args(hint))} integers"
+        args = typing.get_args(hint)
+        return f"a list of {args[0].__name__}" if args[-1] is Ellipsis else f"a list of {len(args)} integers"
     return hint.__name__
 
 
@@ -281,6 +302,12 @@ def _check_values(c: Config, source: str) -> None:
         if s.batch_size is not None:
             at_least(f"{section}.batch_size", s.batch_size, 1)
     one_of("head.cache_features", c.head.cache_features, ("auto", "on", "off"))
+    for name in c.data.augment:
+        one_of("data.augment", name, AUGMENTATIONS)
+    if c.head.cache_features == "on" and c.data.augment:
+        fail("head.cache_features", "on cannot be used with data.augment: augmented images change every epoch")
+    at_least("head.feature_cache_mb", c.head.feature_cache_mb, 0)
+    one_of("scaling.mixed_precision", c.scaling.mixed_precision, ("auto", "float16", "bfloat16", "off"))
     unfreeze = c.finetune.unfreeze
     if isinstance(unfreeze, int) and unfreeze < 1:
         fail("finetune.unfreeze", f"must be a layer count >= 1, a layer name, or all; got {unfreeze}")

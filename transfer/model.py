@@ -34,6 +34,18 @@ def build_model(
     return tf.keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
 
 
+def split_at_features(model: tf.keras.Model) -> tuple[tf.keras.Model, tf.keras.Model]:
+    """The model up to its pooled backbone features, and the head alone on those features.
+
+    The head model reuses the classifier's layers, so training it trains the full model's head.
+    """
+    pooled = model.get_layer("pool").output
+    extractor = tf.keras.Model(model.input, pooled, name="features")
+    features = tf.keras.Input(pooled.shape[1:], name="features")
+    outputs = model.get_layer("classifier")(model.get_layer("dropout")(features))
+    return extractor, tf.keras.Model(features, outputs, name="head")
+
+
 def unfreeze_model(model: tf.keras.Model, unfreeze: int | str) -> list[str]:
     """Makes the top of the backbone trainable for fine-tuning; returns the names of the unfrozen layers.
 
@@ -61,9 +73,10 @@ def unfreeze_model(model: tf.keras.Model, unfreeze: int | str) -> list[str]:
     return unfrozen
 
 
-def compile_model(model: tf.keras.Model, learning_rate: float) -> None:
+def compile_model(model: tf.keras.Model, learning_rate: float, jit_compile: bool = False) -> None:
     model.compile(
         optimizer=tf.keras.optimizers.Adam(learning_rate),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(),
         metrics=["accuracy"],
+        jit_compile=jit_compile,
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import ray.train
 import tensorflow as tf
 
@@ -18,9 +19,9 @@ from transfer import storage
 from transfer.config import Config, from_dict
 from transfer.data.pipeline import BadRecords, make_dataset
 from transfer.data.plan import DatasetPlan, Split
-from transfer.model import build_model, compile_model, unfreeze_model
+from transfer.model import build_model, compile_model, split_at_features, unfreeze_model
 
-WEIGHTS = "weights/ckpt"  # TF-format checkpoint: the model's weights and the optimizer's state
+WEIGHTS = "weights/ckpt"  # tf.train.Checkpoint: the full model's weights and the optimizer's state
 STATE = "state.json"  # the pass, the last finished epoch and the per-epoch history
 BAD_RECORDS = "bad_records"  # one JSON file per rank: the bad records it found, and the first few
 CONFIG = "config.yaml"
@@ -70,19 +71,24 @@ def build_pass_model(spec: PassSpec, backbone_weights: str) -> tf.keras.Model:
 def train_loop_per_worker(spec: PassSpec) -> None:
     cfg = spec.cfg
     _size_thread_pools(cfg.scaling.cpus_per_worker)
+    if cfg.precision_policy:
+        tf.keras.mixed_precision.set_global_policy(cfg.precision_policy)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=cfg.scaling.collective_timeout_s
         )
     )
     rank = ray.train.get_context().get_world_rank()
+    cache = spec.pass_name == "head" and cfg.caches_features
     with strategy.scope():
         model = build_pass_model(spec, cfg.model.weights)
-        compile_model(model, spec.learning_rate)
+        # With cached features only the head trains, on features computed once; it shares the model's layers.
+        extractor, trained = split_at_features(model) if cache else (None, model)
+        compile_model(trained, spec.learning_rate, cfg.scaling.jit_compile)
         # Create the optimizer's slots now, so a checkpoint restores them at once instead of lazily.
-        model.optimizer.build(model.trainable_variables)
+        trained.optimizer.build(trained.trainable_variables)
 
-    history = restore(model, ray.train.get_checkpoint())["history"]
+    history = restore(model, ray.train.get_checkpoint(), trained.optimizer)["history"]
     if rank == 0 and spec.progress is not None:
         spec.progress.put({"event": "start", "pass": spec.pass_name, "epoch": len(history)})
 
@@ -90,33 +96,46 @@ def train_loop_per_worker(spec: PassSpec) -> None:
     batch_size = spec.batch_size
     bad = BadRecords(data.bad_records)
 
-    def dataset(split: Split, training: bool):
-        def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-            return make_dataset(
-                split.shards[context.input_pipeline_id],
-                split.rows_per_worker,
-                spec.plan.classes,
-                data.image_column,
-                data.label_column,
-                data.image_size,
-                batch_size,
-                training=training,
-                bad=bad,
-                shuffle_buffer=data.shuffle_buffer,
-                seed=data.seed + context.input_pipeline_id,
-            )
+    def images(split: Split, pipeline: int, training: bool) -> tf.data.Dataset:
+        return make_dataset(
+            split.shards[pipeline],
+            split.rows_per_worker,
+            spec.plan.classes,
+            data.image_column,
+            data.label_column,
+            data.image_size,
+            batch_size,
+            training=training,
+            bad=bad,
+            shuffle_buffer=data.shuffle_buffer,
+            seed=data.seed + pipeline,
+            augment=data.augment,
+        )
+
+    def distributed(split: Split, training: bool):
+        if cache:
+            rows = split.rows_per_worker
+            cached = FeatureCache(extractor, images(split, rank, training=False), rows, cfg.head.feature_cache_mb)
+            _post_cache(spec, rank, split, cached)
+
+            def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+                return cached.dataset(batch_size, training, seed=data.seed + context.input_pipeline_id)
+        else:
+
+            def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+                return images(split, context.input_pipeline_id, training)
 
         return strategy.distribute_datasets_from_function(fn)
 
     steps = spec.plan.steps_per_epoch(batch_size)
-    callback = CheckpointEachEpoch(spec, history, rank, steps * batch_size * _world_size(), strategy, bad)
+    callback = CheckpointEachEpoch(spec, model, history, rank, steps * batch_size * _world_size(), strategy, bad)
     try:
-        model.fit(
-            dataset(spec.plan.train, training=True),
+        trained.fit(
+            distributed(spec.plan.train, training=True),
             epochs=spec.epochs,
             initial_epoch=len(history),
             steps_per_epoch=steps,
-            validation_data=dataset(spec.plan.validation, training=False),
+            validation_data=distributed(spec.plan.validation, training=False),
             validation_steps=spec.plan.validation_steps(batch_size),
             callbacks=[callback],
             verbose=0,
@@ -127,16 +146,74 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         raise
 
 
-def restore(model: tf.keras.Model, checkpoint: ray.train.Checkpoint | None) -> dict:
-    """Loads weights and optimizer state from a checkpoint.
+class FeatureCache:
+    """One worker's backbone features for its shard, computed once: in memory, or on local disk past a budget.
+
+    Reading images stays the job's pipeline (bad records skipped, exactly the shard's rows); training then
+    reads features by index, reshuffled every pass, with the same number of steps as from images.
+    """
+
+    def __init__(self, extractor: tf.keras.Model, images: tf.data.Dataset, rows: int, budget_mb: int):
+        start = time.monotonic()
+        width = extractor.output_shape[-1]
+        self.on_disk = rows * width * 4 > budget_mb * 2**20
+        if self.on_disk:
+            self._folder = tempfile.TemporaryDirectory(prefix="transfer-features-")
+            path = os.path.join(self._folder.name, "features.npy")
+            self.features = np.lib.format.open_memmap(path, mode="w+", dtype="float32", shape=(rows, width))
+        else:
+            self.features = np.empty((rows, width), dtype="float32")
+        self.labels = np.empty(rows, dtype="int32")
+        extract = tf.function(lambda x: extractor(x, training=False))
+        row = 0
+        for x, y in images:  # exactly `rows` rows: the pipeline makes up for skipped records
+            self.features[row : row + len(y)] = extract(x).numpy()
+            self.labels[row : row + len(y)] = y.numpy()
+            row += len(y)
+        self.seconds = time.monotonic() - start
+
+    def dataset(self, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
+        ids = tf.data.Dataset.range(len(self.labels))
+        if training:
+            ids = ids.shuffle(len(self.labels), seed=seed, reshuffle_each_iteration=True).repeat()
+        ids = ids.batch(batch_size, drop_remainder=training)
+        width = self.features.shape[1]
+
+        def gather(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            features, labels = tf.numpy_function(
+                lambda i: (self.features[np.sort(i)], self.labels[np.sort(i)]), [i], (tf.float32, tf.int32)
+            )
+            features.set_shape((None, width))
+            labels.set_shape((None,))
+            return features, labels
+
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ids.map(gather).with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _post_cache(spec: PassSpec, rank: int, split: Split, cache: FeatureCache) -> None:
+    if rank == 0 and spec.progress is not None:
+        where = "local disk" if cache.on_disk else "memory"
+        spec.progress.put(
+            {"event": "features", "pass": spec.pass_name, "rows": len(cache.labels), "seconds": cache.seconds,
+             "where": where}
+        )  # fmt: skip
+
+
+def restore(
+    model: tf.keras.Model, checkpoint: ray.train.Checkpoint | None, optimizer: tf.keras.optimizers.Optimizer = None
+) -> dict:
+    """Loads the model's weights (and the optimizer's state, when given) from a checkpoint.
 
     Returns its per-epoch `history` ([] without a checkpoint) and the `bad_records` all ranks found.
     """
     if checkpoint is None:
         return {"history": [], "bad_records": {"found": 0, "examples": []}}
     with checkpoint.as_directory() as directory:
-        # Partial: a model without an optimizer (the driver's, for export) restores the weights alone.
-        model.load_weights(os.path.join(directory, WEIGHTS)).expect_partial()
+        parts = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
+        # Partial: the driver's model (for export) restores the weights alone.
+        tf.train.Checkpoint(**parts).read(os.path.join(directory, WEIGHTS)).expect_partial()
         with open(os.path.join(directory, STATE)) as f:
             history = json.load(f)["history"]
         return {"history": history, "bad_records": read_bad_records(directory)}
@@ -152,6 +229,7 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
     def __init__(
         self,
         spec: PassSpec,
+        full_model: tf.keras.Model,
         history: list[dict],
         rank: int,
         images_per_epoch: int,
@@ -159,7 +237,8 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         bad: BadRecords,
     ):
         super().__init__()
-        self.spec, self.history, self.rank, self.images_per_epoch = spec, history, rank, images_per_epoch
+        self.spec, self.full_model, self.history, self.rank = spec, full_model, history, rank
+        self.images_per_epoch = images_per_epoch
         self.strategy, self.bad = strategy, bad
         self.skipped_before = 0
 
@@ -179,7 +258,10 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         row["bad_records"], self.skipped_before = skipped - self.skipped_before, skipped
         self.history.append(row)
         with tempfile.TemporaryDirectory(prefix="transfer-ckpt-") as directory:
-            self.model.save_weights(os.path.join(directory, WEIGHTS))
+            # The full model's weights (what the export needs) and the optimizer of the model that trains.
+            tf.train.Checkpoint(model=self.full_model, optimizer=self.model.optimizer).write(
+                os.path.join(directory, WEIGHTS)
+            )
             if self.rank == 0:
                 state = {"pass": self.spec.pass_name, "epoch": epoch + 1, "history": self.history}
                 with open(os.path.join(directory, STATE), "w") as f:

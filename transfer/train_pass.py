@@ -104,7 +104,6 @@ class Progress:
         self.queue = Queue()
         self.resumed_from: list[int] = []  # per restart, the epoch it resumed after
         self.starts = 0
-        self.last_epoch = 0
 
     def handle(self, event: dict) -> None:
         name = self.pass_name
@@ -118,8 +117,12 @@ class Progress:
                 )
             elif event["epoch"]:
                 self.echo(f"{name}: resuming after epoch {event['epoch']} from its latest checkpoint")
+        elif event["event"] == "features":
+            self.echo(
+                f"{name}: backbone features of {event['rows']} images per worker computed in "
+                f"{event['seconds']:.1f} s, cached in {event['where']}"
+            )
         else:
-            self.last_epoch = event["epoch"]
             self.echo(format_epoch(event))
 
     def fit(self, trainer: TensorflowTrainer):

@@ -121,6 +121,25 @@ def _decoded(rows, class_index: dict[str, int], bad: NothingUsable) -> Iterator[
         yield image.numpy(), class_index[str(label)]
 
 
+def augmentation(names: tuple[str, ...], image_size: tuple[int, int]):
+    """A random transformation of one image (float32 RGB in [0, 255]) made of the named augmentations."""
+    rotate = tf.keras.layers.RandomRotation(0.1, fill_mode="reflect") if "rotation" in names else None
+    crop_size = (int(image_size[0] * 0.9), int(image_size[1] * 0.9), 3)
+
+    def apply(image: tf.Tensor) -> tf.Tensor:
+        if "flip" in names:
+            image = tf.image.random_flip_left_right(image)
+        if "crop" in names:
+            image = tf.image.resize(tf.image.random_crop(image, crop_size), image_size)
+        if rotate is not None:
+            image = rotate(image, training=True)
+        if "contrast" in names:
+            image = tf.clip_by_value(tf.image.random_contrast(image, 0.8, 1.2), 0.0, 255.0)
+        return image
+
+    return apply
+
+
 def make_dataset(
     units: list[Unit],
     num_rows: int,
@@ -133,6 +152,7 @@ def make_dataset(
     bad: BadRecords | None = None,
     shuffle_buffer: int = 1024,
     seed: int = 0,
+    augment: tuple[str, ...] = (),
 ) -> tf.data.Dataset:
     """The batches of one worker's shard.
 
@@ -163,6 +183,9 @@ def make_dataset(
         rows_of, cycle_length=PARALLEL_UNITS, num_parallel_calls=PARALLEL_UNITS, deterministic=not training
     ).repeat()  # pass after pass, each in a new unit order
     ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and augment:
+        augmenter = augmentation(augment, image_size)
+        ds = ds.map(lambda image, label: (augmenter(image), label), num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).batch(batch_size, drop_remainder=True)
     else:
