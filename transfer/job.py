@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 
 from transfer import storage
@@ -104,4 +106,54 @@ def connect_ray(verbose: bool) -> None:
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
         include_dashboard=False,
+    )
+    node = ray._private.worker._global_node
+    if node is not None and node.head:  # we started this Ray: it must not outlive us
+        stop_with_this_process([info.process.pid for infos in node.all_processes.values() for info in infos])
+
+
+# Polls the driver; once it is gone (or a zombie) kills the local Ray it started. Ray's own shutdown runs only
+# when the driver exits normally: after a SIGKILL the cluster and its train controller would go on without it.
+_REAPER = """
+import os, signal, sys, time
+driver, pids = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+def alive():
+    try:
+        with open(f"/proc/{driver}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+def parents():
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                found[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            pass
+    return found
+while alive():
+    time.sleep(1)
+tree, parent_of = set(pids), parents()
+while True:  # the processes and everything they started: workers, agents
+    more = {p for p, parent in parent_of.items() if parent in tree} - tree
+    if not more:
+        break
+    tree |= more
+for pid in tree:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def stop_with_this_process(pids: list[int]) -> None:
+    """Kills the given processes and their descendants when this process ends, however it ends (SIGKILL too)."""
+    subprocess.Popen(
+        [sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, pids)],
+        start_new_session=True,  # a Ctrl-C to the driver's process group leaves the reaper to clean up
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
