@@ -152,8 +152,13 @@ def test_after_the_driver_is_killed_a_rerun_resumes(s3, assets, tmp_path):
     config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="kill-driver")
     job = Job(config, "--pass", "head", "--set", "head.epochs=3")
     job.wait_for("head epoch 1/3")
+    orphans = ray_train_worker_pids(job)
     job.process.send_signal(signal.SIGKILL)
     job.finish()
+    deadline = time.monotonic() + 20  # the local Ray it started goes with it: nothing trains on unseen
+    while any(os.path.exists(f"/proc/{pid}") for pid in orphans) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in orphans)
     started = time.monotonic()
     result = run_cli(config, "--pass", "head", "--set", "head.epochs=3")
     assert result.returncode == 0, result.stderr[-3000:]
