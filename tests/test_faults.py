@@ -87,6 +87,14 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def kill_one_worker(job: Job) -> float:
     pids = ray_train_worker_pids(job)
     assert len(pids) == 2, pids
@@ -156,9 +164,9 @@ def test_after_the_driver_is_killed_a_rerun_resumes(s3, assets, tmp_path):
     job.process.send_signal(signal.SIGKILL)
     job.finish()
     deadline = time.monotonic() + 20  # the local Ray it started goes with it: nothing trains on unseen
-    while any(os.path.exists(f"/proc/{pid}") for pid in orphans) and time.monotonic() < deadline:
+    while any(map(running, orphans)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not any(os.path.exists(f"/proc/{pid}") for pid in orphans)
+    assert not any(map(running, orphans))
     started = time.monotonic()
     result = run_cli(config, "--pass", "head", "--set", "head.epochs=3")
     assert result.returncode == 0, result.stderr[-3000:]
