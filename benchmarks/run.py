@@ -1,0 +1,356 @@
+"""This job against the peers, the same data, backbone, image size, batch and epochs for every contender.
+
+    python benchmarks/run.py --out results.json [--images 1000] [--repeats 2]
+
+Contenders, measured in one run and alternating, each in a fresh process:
+  textbook   tf.keras model.fit on the frozen backbone over a tf.data pipeline of the same Parquet files
+  ray_data   Ray's documented path: TensorflowTrainer (1 worker) with Ray Data read_parquet + to_tf
+  job_1w     this job, 1 worker          job_2w    this job, 2 workers
+  limit      the compute limit: backbone forward (head pass) and forward+backward (fine-tune) on in-memory tensors
+Per pass: wall seconds, images/s of training, and seconds from process start to the first training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+BACKBONE, IMAGE_SIZE, BATCH, HEAD_EPOCHS, FINETUNE_EPOCHS, UNFREEZE = "mobilenet_v2", 96, 32, 10, 2, 20
+T0 = time.time()  # this process's start, near enough
+
+
+def _load_images(data: str):
+    """The whole dataset decoded in memory (for the compute limit only)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+
+    table = pq.read_table(data)
+    images = np.stack(
+        [
+            tf.image.resize(tf.io.decode_jpeg(b, channels=3), (IMAGE_SIZE, IMAGE_SIZE))
+            for b in table["image"].to_pylist()
+        ]
+    )
+    classes = sorted(set(table["label"].to_pylist()))
+    return images, np.array([classes.index(v) for v in table["label"].to_pylist()]), classes
+
+
+class FirstStep:
+    """A Keras callback noting when the first training batch starts and the training seconds of each epoch."""
+
+    def __new__(cls):
+        import tensorflow as tf
+
+        class _Callback(tf.keras.callbacks.Callback):
+            first_step = None
+            seconds = 0.0
+
+            def on_train_batch_begin(self, batch, logs=None):
+                if self.first_step is None:
+                    self.first_step = time.time() - T0
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.time()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds += time.time() - self.start
+
+        return _Callback()
+
+
+def textbook(data: str, images_per_epoch: int) -> dict:
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+
+    from transfer.model import build_model, compile_model, unfreeze_model
+
+    def decode(encoded, label):
+        image = tf.image.resize(tf.io.decode_image(encoded, channels=3, expand_animations=False), (IMAGE_SIZE,) * 2)
+        image.set_shape((IMAGE_SIZE, IMAGE_SIZE, 3))
+        return image, label
+
+    result = {}
+    start = T0  # the head pass's wall time counts from the process start, as for the job
+    table = pq.read_table(data)
+    classes = sorted(set(table["label"].to_pylist()))
+    labels = [classes.index(v) for v in table["label"].to_pylist()]
+    ds = (
+        tf.data.Dataset.from_tensor_slices((table["image"].to_pylist(), labels))
+        .shuffle(2048)
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(BATCH)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    model = build_model(BACKBONE, "none", (IMAGE_SIZE, IMAGE_SIZE), len(classes), 0.2)
+    for name, epochs, rate in (("head", HEAD_EPOCHS, 1e-3), ("finetune", FINETUNE_EPOCHS, 1e-5)):
+        if name == "finetune":
+            start = time.time()
+            unfreeze_model(model, UNFREEZE)
+        compile_model(model, rate)
+        timing = FirstStep()
+        model.fit(ds, epochs=epochs, verbose=0, callbacks=[timing])
+        result[name] = {
+            "wall_s": time.time() - start,
+            "images_per_s": images_per_epoch * epochs / timing.seconds,
+            "first_step_s": timing.first_step,
+        }
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def ray_data(data: str, images_per_epoch: int) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    import transfer  # noqa: F401
+
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
+    def decode(batch):
+        import numpy as np
+        import tensorflow as tf
+
+        batch["pixels"] = np.stack(
+            [
+                tf.image.resize(tf.io.decode_jpeg(b, channels=3), (IMAGE_SIZE, IMAGE_SIZE)).numpy()
+                for b in batch["image"]
+            ]
+        )
+        return batch
+
+    def train_func(config):
+        import tensorflow as tf
+
+        from transfer.model import build_model, compile_model, unfreeze_model
+
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        with strategy.scope():
+            model = build_model(BACKBONE, "none", (IMAGE_SIZE, IMAGE_SIZE), config["classes"], 0.2)
+        shard = ray.train.get_dataset_shard("train")
+        metrics = {}
+        for name, epochs, rate in (("head", HEAD_EPOCHS, 1e-3), ("finetune", FINETUNE_EPOCHS, 1e-5)):
+            start = config["t0"] if name == "head" else time.time()  # head: from the driver's start
+            with strategy.scope():
+                if name == "finetune":
+                    unfreeze_model(model, UNFREEZE)
+                compile_model(model, rate)
+            timing = FirstStep()
+            for _ in range(epochs):  # Ray's examples: a new to_tf dataset per epoch
+                tf_ds = shard.to_tf("pixels", "label_index", batch_size=BATCH, local_shuffle_buffer_size=256)
+                model.fit(tf_ds, epochs=1, verbose=0, callbacks=[timing])
+            metrics[name] = {
+                "wall_s": time.time() - start,
+                "images_per_s": images_per_epoch * epochs / timing.seconds,
+                "first_step_epoch_s": timing.first_step and timing.first_step + T0 - config["t0"],
+            }
+        with open(config["out"], "w") as f:  # one machine: the driver reads it back
+            json.dump(metrics, f)
+
+    out = os.path.join(tempfile.mkdtemp(prefix="bench-ray-data-"), "passes.json")
+    classes = sorted(set(ray.data.read_parquet(data, columns=["label"]).unique("label")))
+    dataset = (
+        ray.data.read_parquet(data)
+        .map(lambda row: {**row, "label_index": classes.index(row["label"])})
+        .map_batches(decode)
+    )
+    trainer = TensorflowTrainer(
+        train_func,
+        train_loop_config={"classes": len(classes), "t0": T0, "out": out},
+        scaling_config=ScalingConfig(num_workers=1),
+        datasets={"train": dataset},
+        run_config=RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-ray-"), name="ray_data"),
+    )
+    trainer.fit()
+    with open(out) as f:
+        result = json.load(f)
+    result["head"]["first_step_s"] = result["head"].pop("first_step_epoch_s")
+    result["finetune"]["first_step_s"] = None
+    result["finetune"].pop("first_step_epoch_s")
+    return result
+
+
+def job(data: str, workers: int, weights: str) -> dict:
+    """This job as a user runs it, its stdout lines time-stamped."""
+    import yaml
+
+    root = tempfile.mkdtemp(prefix="bench-job-")
+    config = {
+        "run": {"name": "bench", "storage": root},
+        "data": {"train": data, "validation_split": 0.1, "image_size": [IMAGE_SIZE, IMAGE_SIZE]},
+        "model": {"backbone": BACKBONE, "weights": weights},
+        "head": {"epochs": HEAD_EPOCHS, "batch_size": BATCH},
+        "finetune": {"epochs": FINETUNE_EPOCHS, "unfreeze": UNFREEZE},
+        "scaling": {"num_workers": workers},
+    }
+    with open(os.path.join(root, "job.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    start = time.time()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.train", os.path.join(root, "job.yaml")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    stamped = [(time.time() - start, line.strip()) for line in process.stdout]
+    assert process.wait() == 0, stamped[-3:]
+    result = {}
+    for name in ("head", "finetune"):
+        begun = next(t for t, line in stamped if line.startswith(f"{name}: training"))
+        ended = next(t for t, line in stamped if line.startswith(f"{name}: exported"))
+        metrics = json.load(open(os.path.join(root, "bench", "export", name, "metrics.json")))
+        first_epoch_t = next(t for t, line in stamped if line.startswith(f"{name} epoch 1/"))
+        train_seconds = sum(row["seconds"] for row in metrics["history"])
+        images = sum(row["images_per_s"] * row["seconds"] for row in metrics["history"])
+        result[name] = {
+            "wall_s": ended - begun + (begun if name == "head" else 0.0),
+            "images_per_s": images / train_seconds,
+            "first_step_s": first_epoch_t - metrics["history"][0]["seconds"] if name == "head" else None,
+        }
+    return result
+
+
+def limit(data: str) -> dict:
+    import tensorflow as tf
+
+    from transfer.model import build_model, compile_model, split_at_features, unfreeze_model
+
+    images, labels, classes = _load_images(data)
+    model = build_model(BACKBONE, "none", (IMAGE_SIZE, IMAGE_SIZE), len(classes), 0.2)
+    extractor, _ = split_at_features(model)
+    forward = tf.function(lambda x: extractor(x, training=False))
+    batches = [images[i : i + BATCH] for i in range(0, len(images), BATCH)]
+    forward(batches[0])
+    start = time.time()
+    for batch in batches:
+        forward(batch).numpy()
+    forward_ips = len(images) / (time.time() - start)
+    unfreeze_model(model, UNFREEZE)
+    compile_model(model, 1e-5)
+    model.fit(images[:BATCH], labels[:BATCH], epochs=1, verbose=0)  # trace
+    start = time.time()
+    model.fit(images, labels, batch_size=BATCH, epochs=1, verbose=0)
+    return {"head": {"images_per_s": forward_ips}, "finetune": {"images_per_s": len(images) / (time.time() - start)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="results.json")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.contender:
+        import transfer  # noqa: F401
+
+        n = _rows(args.data)
+        run = {
+            "textbook": lambda: textbook(args.data, n),
+            "ray_data": lambda: ray_data(args.data, n),
+            "job_1w": lambda: job(args.data, 1, args.weights),
+            "job_2w": lambda: job(args.data, 2, args.weights),
+            "limit": lambda: limit(args.data),
+        }[args.contender]
+        print(json.dumps(run()))
+        return
+
+    from transfer import demo
+
+    work = tempfile.mkdtemp(prefix="transfer-bench-")
+    data = os.path.join(work, "data")
+    demo.write_parquet_dataset(data, per_class=args.images // 5, size=IMAGE_SIZE, files=((0.5, 256), (0.5, 256)))
+    weights = os.path.join(work, "backbone.h5")  # the job reads weights from a file: random ones, saved once
+    _save_random_weights(weights)
+    names = ["textbook", "ray_data", "job_1w", "job_2w", "limit"]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            out = subprocess.run(
+                [sys.executable, __file__, "--contender", name, "--data", data, "--weights", weights],
+                capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+            )  # fmt: skip
+            if out.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    report = summarize(runs, args, data)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    for name, passes in report["medians"].items():
+        print(name, json.dumps(passes))
+    for name, value in report["ratios"].items():
+        print(f"{name}: {value:.2f}")
+
+
+def _rows(data: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetDataset(data).read(columns=["label"]).num_rows
+
+
+def _save_random_weights(path: str) -> None:
+    import transfer  # noqa: F401
+    from transfer.backbones import load_backbone
+
+    load_backbone(BACKBONE, "none", (IMAGE_SIZE, IMAGE_SIZE, 3)).save_weights(path)
+
+
+def summarize(runs: dict, args: argparse.Namespace, data: str) -> dict:
+    def median(name: str, pass_name: str, key: str):
+        values = [r[pass_name][key] for r in runs[name] if r[pass_name].get(key) is not None]
+        return statistics.median(values) if values else None
+
+    medians = {
+        name: {
+            p: {k: median(name, p, k) for k in ("wall_s", "images_per_s", "first_step_s")} for p in ("head", "finetune")
+        }
+        for name in runs
+    }
+    m = medians
+    n = _rows(data)
+    head_limit_s = n / m["limit"]["head"]["images_per_s"]
+    ratios = {
+        "head_wall_textbook_over_job_2w": m["textbook"]["head"]["wall_s"] / m["job_2w"]["head"]["wall_s"],
+        "head_wall_job_2w_over_one_forward_pass": m["job_2w"]["head"]["wall_s"] / head_limit_s,
+        "finetune_images_per_s_job_2w_over_textbook": m["job_2w"]["finetune"]["images_per_s"]
+        / m["textbook"]["finetune"]["images_per_s"],
+        "end_to_end_ray_data_over_job_2w": (m["ray_data"]["head"]["wall_s"] + m["ray_data"]["finetune"]["wall_s"])
+        / (m["job_2w"]["head"]["wall_s"] + m["job_2w"]["finetune"]["wall_s"]),
+        "head_wall_textbook_over_job_1w": m["textbook"]["head"]["wall_s"] / m["job_1w"]["head"]["wall_s"],
+        "finetune_images_per_s_job_2w_over_limit": m["job_2w"]["finetune"]["images_per_s"]
+        / m["limit"]["finetune"]["images_per_s"],
+    }
+    return {
+        "benchmark": "peers",
+        "setup": {
+            "backbone": BACKBONE,
+            "weights": "random (throughput only)",
+            "image_size": IMAGE_SIZE,
+            "batch": BATCH,
+            "head_epochs": HEAD_EPOCHS,
+            "finetune_epochs": FINETUNE_EPOCHS,
+            "unfreeze": UNFREEZE,
+            "images": n,
+            "repeats": args.repeats,
+            "cpus": os.cpu_count(),
+        },  # fmt: skip
+        "medians": medians,
+        "ratios": ratios,
+        "runs": runs,
+    }
+
+
+if __name__ == "__main__":
+    main()
