@@ -84,3 +84,9 @@ def test_weights_file_loads_into_the_backbone(tmp_path):
     source.save_weights(str(tmp_path / "w.h5"))
     loaded = backbones.load_backbone("demo_cnn", str(tmp_path / "w.h5"), (64, 64, 3))
     assert np.all(loaded.get_layer("block1_conv").kernel.numpy() == 1.0)
+
+
+def test_the_config_accepts_exactly_the_registered_backbones():
+    from transfer import config
+
+    assert config.BACKBONES == tuple(backbones.BACKBONES)

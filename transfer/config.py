@@ -17,6 +17,7 @@ import yaml
 from transfer import storage
 from transfer.errors import ConfigError
 
+# The names of transfer.backbones.BACKBONES, repeated so that validating a config does not import TensorFlow.
 BACKBONES = (
     "vgg16",
     "resnet50",
@@ -28,7 +29,6 @@ BACKBONES = (
     "convnext_tiny",
     "demo_cnn",
 )
-PASSES = ("head", "finetune")
 AUGMENTATIONS = ("flip", "crop", "rotation", "contrast")
 
 
