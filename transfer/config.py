@@ -91,6 +91,13 @@ class Scaling:
 
 
 @dataclass(frozen=True)
+class PassSettings:
+    epochs: int
+    learning_rate: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
 class Config:
     run: Run = field(default_factory=Run)
     data: Data = field(default_factory=Data)
@@ -105,6 +112,13 @@ class Config:
     def to_yaml(self) -> str:
         """The resolved config as saved next to checkpoints and exports, with credentials in URIs hidden."""
         return yaml.safe_dump(_redacted(self.to_dict()), sort_keys=False)
+
+    def pass_settings(self, pass_name: str) -> PassSettings:
+        """Epochs, learning rate and per-worker batch size of the head or the fine-tune pass."""
+        if pass_name == "head":
+            return PassSettings(self.head.epochs, self.head.learning_rate, self.head.batch_size)
+        f = self.finetune
+        return PassSettings(f.epochs, f.learning_rate, f.batch_size or self.head.batch_size)
 
     @property
     def caches_features(self) -> bool:

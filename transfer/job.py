@@ -67,8 +67,8 @@ def plan_data(cfg: Config) -> DatasetPlan:
     train = scan(d.train, "data.train")
     validation = scan(d.validation, "data.validation") if d.validation else None
     plan = plan_dataset(train, validation, d.validation_split, cfg.scaling.num_workers, d.seed)
-    plan.check_batch_size(cfg.head.batch_size, "head.batch_size")
-    plan.check_batch_size(cfg.finetune.batch_size or cfg.head.batch_size, "finetune.batch_size")
+    for pass_name in ("head", "finetune"):
+        plan.check_batch_size(cfg.pass_settings(pass_name).batch_size, f"{pass_name}.batch_size")
     return plan
 
 

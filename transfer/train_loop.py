@@ -43,16 +43,15 @@ class PassSpec:
 
     @property
     def epochs(self) -> int:
-        return self.cfg.head.epochs if self.pass_name == "head" else self.cfg.finetune.epochs
+        return self.cfg.pass_settings(self.pass_name).epochs
 
     @property
     def learning_rate(self) -> float:
-        return self.cfg.head.learning_rate if self.pass_name == "head" else self.cfg.finetune.learning_rate
+        return self.cfg.pass_settings(self.pass_name).learning_rate
 
     @property
     def batch_size(self) -> int:
-        cfg = self.cfg
-        return cfg.head.batch_size if self.pass_name == "head" else (cfg.finetune.batch_size or cfg.head.batch_size)
+        return self.cfg.pass_settings(self.pass_name).batch_size
 
 
 def build_pass_model(spec: PassSpec, backbone_weights: str) -> tf.keras.Model:
@@ -179,10 +178,12 @@ class FeatureCache:
         ids = ids.batch(batch_size, drop_remainder=training)
         width = self.features.shape[1]
 
+        def rows(i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            i = np.sort(i)  # in file order: a disk-backed cache reads forward
+            return self.features[i], self.labels[i]
+
         def gather(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            features, labels = tf.numpy_function(
-                lambda i: (self.features[np.sort(i)], self.labels[np.sort(i)]), [i], (tf.float32, tf.int32)
-            )
+            features, labels = tf.numpy_function(rows, [i], (tf.float32, tf.int32))
             features.set_shape((None, width))
             labels.set_shape((None,))
             return features, labels

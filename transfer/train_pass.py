@@ -22,7 +22,7 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
     """Trains one pass (resuming from its latest checkpoint, if any) and exports it; skips a finished pass."""
     export_uri = storage.join(cfg.run_uri, "export", pass_name)
     shown_uri = storage.redact(export_uri)
-    epochs = cfg.head.epochs if pass_name == "head" else cfg.finetune.epochs
+    epochs = cfg.pass_settings(pass_name).epochs
     if export.is_complete(export_uri):
         final = export.read_metrics(export_uri)["final"]
         if final["epoch"] >= epochs:
