@@ -8,7 +8,7 @@ from transfer.config import from_dict
 from transfer.data.pipeline import augmentation
 from transfer.errors import ConfigError
 from transfer.model import build_model, compile_model, split_at_features
-from transfer.train_loop import FeatureCache
+from transfer.train_loop import FeatureCache, inference
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_training_the_head_on_features_trains_the_full_model(model):
 @pytest.mark.parametrize("budget_mb", [64, 0])  # in memory; spilled to local disk
 def test_feature_cache_holds_each_row_once_and_feeds_whole_batches(model, budget_mb):
     extractor, _ = split_at_features(model)
-    cache = FeatureCache(extractor, images(20), rows=20, budget_mb=budget_mb)
+    cache = FeatureCache(inference(extractor), images(20), rows=20, budget_mb=budget_mb)
     assert cache.on_disk == (budget_mb == 0)
     x, _ = next(iter(images(20, 20)))
     np.testing.assert_allclose(cache.features, extractor(x).numpy(), atol=1e-5)

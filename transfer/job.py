@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from transfer import storage
+from transfer import export, storage
 from transfer.config import Config
 from transfer.data import images, parquet
 from transfer.data.plan import DatasetPlan, plan_dataset
@@ -30,18 +30,36 @@ def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Ech
     )
     if plan.left_out:
         echo(f"data: {len(plan.left_out)} rows left out, for example {plan.left_out[0]}")
-    import_tensorflow(verbose)
-    connect_ray(verbose)
-    from transfer.train_pass import run_pass  # imports TensorFlow
-
+    done = {pass_name: finished_pass(cfg, pass_name) for pass_name in passes}
+    if not all(done.values()):  # a rerun of a finished job (a DAG task's retry) starts neither TensorFlow nor Ray
+        import_tensorflow(verbose)
+        connect_ray(verbose)
     summary = {
         "run": cfg.run.name,
         "storage": storage.redact(storage.absolute(cfg.run_uri)),
         "passes": {},
     }
     for pass_name in passes:
-        summary["passes"][pass_name] = run_pass(cfg, pass_name, plan, echo)
+        if done[pass_name]:
+            result = done[pass_name]
+            echo(f"{pass_name}: already finished ({result['final']['epoch']} epochs); export at {result['export']}")
+        else:
+            from transfer.train_pass import run_pass  # imports TensorFlow
+
+            result = run_pass(cfg, pass_name, plan, echo)
+        summary["passes"][pass_name] = result
     return summary
+
+
+def finished_pass(cfg: Config, pass_name: str) -> dict | None:
+    """A pass whose export is complete and has all the configured epochs (raising `epochs` trains the rest)."""
+    location = storage.join(cfg.run_uri, "export", pass_name)
+    if not export.is_complete(location):
+        return None
+    final = export.read_metrics(location)["final"]
+    if final["epoch"] < cfg.pass_settings(pass_name).epochs:
+        return None
+    return {"status": "skipped", "export": storage.redact(location), "final": final}
 
 
 def check_inputs(cfg: Config) -> None:

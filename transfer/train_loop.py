@@ -21,7 +21,7 @@ from transfer.data.pipeline import BadRecords, make_dataset
 from transfer.data.plan import DatasetPlan, Split
 from transfer.model import build_model, compile_model, split_at_features, unfreeze_model
 
-WEIGHTS = "weights/ckpt"  # tf.train.Checkpoint: the full model's weights and the optimizer's state
+WEIGHTS = "weights/ckpt"  # tf.train.Checkpoint: the weights the pass trains (see `trained_parts`) and the optimizer
 STATE = "state.json"  # the pass, the last finished epoch and the per-epoch history
 BAD_RECORDS = "bad_records"  # one JSON file per rank: the bad records it found, and the first few
 CONFIG = "config.yaml"
@@ -58,6 +58,9 @@ def build_pass_model(spec: PassSpec, backbone_weights: str) -> tf.keras.Model:
     """The head pass's new classifier, or for fine-tuning the head export with the top of its backbone unfrozen."""
     cfg = spec.cfg
     if spec.pass_name == "head":
+        # The driver and every worker build the same model: a head-pass checkpoint holds the classifier alone,
+        # and with `weights: none` the backbone is random.
+        tf.keras.utils.set_random_seed(cfg.data.seed)
         return build_model(
             cfg.model.backbone, backbone_weights, cfg.data.image_size, len(spec.plan.classes), cfg.model.dropout
         )
@@ -79,15 +82,23 @@ def train_loop_per_worker(spec: PassSpec) -> None:
     )
     rank = ray.train.get_context().get_world_rank()
     cache = spec.pass_name == "head" and cfg.caches_features
+    if cache:
+        # Only the head trains, on features each worker computes once for its shard. The backbone is built
+        # outside MWMS: inside, every variable's initial value is broadcast from rank 0, one collective per
+        # variable (~9 s for mobilenet_v2 on 2 CPU workers), for weights every worker loads anyway.
+        extractor, head = split_at_features(build_pass_model(spec, cfg.model.weights))
+        extract = inference(extractor)
+        with strategy.scope():
+            trained = tf.keras.models.clone_model(head)  # the same layers and names, as MWMS variables
+    else:
+        with strategy.scope():
+            trained = build_pass_model(spec, cfg.model.weights)
     with strategy.scope():
-        model = build_pass_model(spec, cfg.model.weights)
-        # With cached features only the head trains, on features computed once; it shares the model's layers.
-        extractor, trained = split_at_features(model) if cache else (None, model)
         compile_model(trained, spec.learning_rate, cfg.scaling.jit_compile)
         # Create the optimizer's slots now, so a checkpoint restores them at once instead of lazily.
         trained.optimizer.build(trained.trainable_variables)
 
-    history = restore(model, ray.train.get_checkpoint(), trained.optimizer)["history"]
+    history = restore(trained, ray.train.get_checkpoint(), trained.optimizer)["history"]
     if rank == 0 and spec.progress is not None:
         spec.progress.put({"event": "start", "pass": spec.pass_name, "epoch": len(history)})
 
@@ -114,7 +125,7 @@ def train_loop_per_worker(spec: PassSpec) -> None:
     def distributed(split: Split, training: bool):
         if cache:
             rows = split.rows_per_worker
-            cached = FeatureCache(extractor, images(split, rank, training=False), rows, cfg.head.feature_cache_mb)
+            cached = FeatureCache(extract, images(split, rank, training=False), rows, cfg.head.feature_cache_mb)
             _post_cache(spec, rank, split, cached)
 
             def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -127,7 +138,7 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         return strategy.distribute_datasets_from_function(fn)
 
     steps = spec.plan.steps_per_epoch(batch_size)
-    callback = CheckpointEachEpoch(spec, model, history, rank, steps * batch_size * _world_size(), strategy, bad)
+    callback = CheckpointEachEpoch(spec, history, rank, steps * batch_size * _world_size(), strategy, bad)
     try:
         trained.fit(
             distributed(spec.plan.train, training=True),
@@ -145,6 +156,13 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         raise
 
 
+def inference(model: tf.keras.Model) -> tf.types.experimental.ConcreteFunction:
+    """The model's inference, traced once for any batch size: the training and validation caches and a partial
+    last batch would each trace it again (seconds per trace, on every worker)."""
+    spec = tf.TensorSpec(model.input_shape, model.input.dtype)
+    return tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+
+
 class FeatureCache:
     """One worker's backbone features for its shard, computed once: in memory, or on local disk past a budget.
 
@@ -152,9 +170,11 @@ class FeatureCache:
     reads features by index, reshuffled every pass, with the same number of steps as from images.
     """
 
-    def __init__(self, extractor: tf.keras.Model, images: tf.data.Dataset, rows: int, budget_mb: int):
+    def __init__(
+        self, extract: tf.types.experimental.ConcreteFunction, images: tf.data.Dataset, rows: int, budget_mb: int
+    ):
         start = time.monotonic()
-        width = extractor.output_shape[-1]
+        width = extract.structured_outputs.shape[-1]
         self.on_disk = rows * width * 4 > budget_mb * 2**20
         if self.on_disk:
             self._folder = tempfile.TemporaryDirectory(prefix="transfer-features-")
@@ -163,7 +183,6 @@ class FeatureCache:
         else:
             self.features = np.empty((rows, width), dtype="float32")
         self.labels = np.empty(rows, dtype="int32")
-        extract = tf.function(lambda x: extractor(x, training=False))
         row = 0
         for x, y in images:  # exactly `rows` rows: the pipeline makes up for skipped records
             self.features[row : row + len(y)] = extract(x).numpy()
@@ -202,22 +221,34 @@ def _post_cache(spec: PassSpec, rank: int, split: Split, cache: FeatureCache) ->
         )  # fmt: skip
 
 
+def trained_parts(model: tf.keras.Model, pass_name: str) -> dict[str, tf.Module]:
+    """What a pass's checkpoints hold: what it trains. The head pass changes only the classifier; its frozen
+    backbone is the weights it was built from. Saving the backbone anyway would cost seconds every epoch:
+    under MWMS, reading each BatchNorm statistic for a save is an all-reduce across the workers."""
+    if pass_name == "head":
+        return {"classifier": model.get_layer("classifier")}
+    return {"model": model}
+
+
 def restore(
     model: tf.keras.Model, checkpoint: ray.train.Checkpoint | None, optimizer: tf.keras.optimizers.Optimizer = None
 ) -> dict:
-    """Loads the model's weights (and the optimizer's state, when given) from a checkpoint.
+    """Loads the pass's trained weights (and the optimizer's state, when given) from a checkpoint into a model
+    built for the pass (a head-pass model holds its backbone's weights already).
 
     Returns its per-epoch `history` ([] without a checkpoint) and the `bad_records` all ranks found.
     """
     if checkpoint is None:
         return {"history": [], "bad_records": {"found": 0, "examples": []}}
     with checkpoint.as_directory() as directory:
-        parts = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
+        with open(os.path.join(directory, STATE)) as f:
+            state = json.load(f)
+        parts = trained_parts(model, state["pass"])
+        if optimizer is not None:
+            parts["optimizer"] = optimizer
         # Partial: the driver's model (for export) restores the weights alone.
         tf.train.Checkpoint(**parts).read(os.path.join(directory, WEIGHTS)).expect_partial()
-        with open(os.path.join(directory, STATE)) as f:
-            history = json.load(f)["history"]
-        return {"history": history, "bad_records": read_bad_records(directory)}
+        return {"history": state["history"], "bad_records": read_bad_records(directory)}
 
 
 class CheckpointEachEpoch(tf.keras.callbacks.Callback):
@@ -230,7 +261,6 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
     def __init__(
         self,
         spec: PassSpec,
-        full_model: tf.keras.Model,
         history: list[dict],
         rank: int,
         images_per_epoch: int,
@@ -238,7 +268,7 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         bad: BadRecords,
     ):
         super().__init__()
-        self.spec, self.full_model, self.history, self.rank = spec, full_model, history, rank
+        self.spec, self.history, self.rank = spec, history, rank
         self.images_per_epoch = images_per_epoch
         self.strategy, self.bad = strategy, bad
         self.skipped_before = 0
@@ -259,10 +289,8 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         row["bad_records"], self.skipped_before = skipped - self.skipped_before, skipped
         self.history.append(row)
         with tempfile.TemporaryDirectory(prefix="transfer-ckpt-") as directory:
-            # The full model's weights (what the export needs) and the optimizer of the model that trains.
-            tf.train.Checkpoint(model=self.full_model, optimizer=self.model.optimizer).write(
-                os.path.join(directory, WEIGHTS)
-            )
+            parts = trained_parts(self.model, self.spec.pass_name)  # self.model: the model being fit
+            tf.train.Checkpoint(**parts, optimizer=self.model.optimizer).write(os.path.join(directory, WEIGHTS))
             if self.rank == 0:
                 state = {"pass": self.spec.pass_name, "epoch": epoch + 1, "history": self.history}
                 with open(os.path.join(directory, STATE), "w") as f:

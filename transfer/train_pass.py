@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
@@ -17,17 +18,14 @@ from transfer.errors import TrainingError, TransferError
 from transfer.job import Echo
 from transfer.train_loop import STATE, PassSpec, build_pass_model, restore, train_loop_per_worker
 
+CONTROLLER_POLL_S = 0.2  # read by Ray Train's controller from the driver's environment
+
 
 def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict:
-    """Trains one pass (resuming from its latest checkpoint, if any) and exports it; skips a finished pass."""
+    """Trains one pass (resuming from its latest checkpoint, if any) and exports it."""
     export_uri = storage.join(cfg.run_uri, "export", pass_name)
     shown_uri = storage.redact(export_uri)
     epochs = cfg.pass_settings(pass_name).epochs
-    if export.is_complete(export_uri):
-        final = export.read_metrics(export_uri)["final"]
-        if final["epoch"] >= epochs:
-            echo(f"{pass_name}: already finished ({final['epoch']} epochs); export at {shown_uri}")
-            return {"status": "skipped", "export": shown_uri, "final": final}
 
     init_model = None
     if pass_name == "finetune":
@@ -36,9 +34,12 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
         init_model = storage.join(init_uri, export.MODEL)
     progress = Progress(pass_name, cfg.scaling.max_failures, echo)
     spec = PassSpec(cfg.to_dict(), pass_name, plan, init_model, progress=progress.queue)
-    # Built here first: a bad unfreeze setting fails now, not on every worker; the export reuses it.
-    model = build_pass_model(spec, backbone_weights="none")
+    # Fine-tuning's model is built here first, so a bad unfreeze setting fails now, not on every worker.
+    model = build_pass_model(spec, cfg.model.weights) if pass_name == "finetune" else None
 
+    # Ray Train's controller takes one report per poll of the workers and a worker's next report waits for it:
+    # at the default 2 s poll, every epoch shorter than 2 s (a cached head epoch takes ~0.3 s) is stretched to 2 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_S))
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=spec,
@@ -64,6 +65,8 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
     if result.checkpoint is None:
         raise TrainingError(f"{pass_name}: training ended without a checkpoint")
 
+    if model is None:  # the head pass's: the model every worker built (its checkpoints hold the classifier alone)
+        model = build_pass_model(spec, cfg.model.weights)
     state = restore(model, result.checkpoint)
     history, bad = state["history"], state["bad_records"]
     metrics = {
@@ -101,7 +104,7 @@ class Progress:
 
     def __init__(self, pass_name: str, max_failures: int, echo: Echo):
         self.pass_name, self.max_failures, self.echo = pass_name, max_failures, echo
-        self.queue = Queue()
+        self.queue = Queue(actor_options={"num_cpus": 0})  # fits a head node that runs no training
         self.resumed_from: list[int] = []  # per restart, the epoch it resumed after
         self.starts = 0
 
