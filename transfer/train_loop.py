@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -285,6 +286,7 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
         row["images_per_s"] = self.images_per_epoch / (self.train_seconds or seconds)
         row["seconds"] = seconds
+        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         skipped = self._sum_over_workers(self.bad.skipped)
         row["bad_records"], self.skipped_before = skipped - self.skipped_before, skipped
         self.history.append(row)
