@@ -5,6 +5,7 @@ Everything before training runs without TensorFlow or Ray, so a bad config or da
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -18,6 +19,7 @@ from transfer.data.plan import DatasetPlan, plan_dataset
 from transfer.errors import ConfigError
 
 Echo = Callable[[str], None]
+RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job server for a submitted job's driver
 
 
 def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Echo = print) -> dict:
@@ -119,6 +121,9 @@ def connect_ray(verbose: bool) -> None:
     env_vars = {"TF_USE_LEGACY_KERAS": "1"}
     if not verbose:
         env_vars["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Submitted as a Ray job: Ray refuses to merge the job's runtime env with ours where both set a variable.
+    submitted = ray.job_config.JobConfig.from_json(json.loads(os.environ.get(RAY_JOB_CONFIG, "{}")))
+    env_vars = {k: v for k, v in env_vars.items() if k not in (submitted.runtime_env or {}).get("env_vars", {})}
     ray.init(
         runtime_env={"env_vars": env_vars},
         log_to_driver=verbose,
