@@ -290,15 +290,29 @@ def main() -> None:
                 [sys.executable, __file__, "--contender", name, "--data", data, "--weights", weights],
                 capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
             )  # fmt: skip
-            if out.returncode != 0:
-                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            result = _last_json(out.stdout)
+            if out.returncode != 0 or result is None:
+                raise SystemExit(f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+            runs[name].append(result)
+            with open(args.out + ".partial", "w") as f:  # a later crash loses nothing measured so far
+                json.dump(runs, f)
     report = summarize(runs, args, data)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(table(report["medians"]))
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.2f}")
+
+
+def _last_json(stdout: str) -> dict | None:
+    """A contender's result: its last stdout line that is a JSON object (Ray may print after it)."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
 
 
 def table(medians: dict) -> str:

@@ -192,7 +192,9 @@ def submitted(ray_head, assets, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ray-job")
     folder = job_dir(root, assets, "shapes", head={"epochs": 2}, finetune={"epochs": 1})
     client = job_client(ray_head)
-    submission_id = client.submit_job(entrypoint="python -m jobs.train job.yaml", runtime_env={"working_dir": folder})
+    # A variable the job sets for its workers too: Ray refuses to merge two runtime envs that both set one.
+    runtime_env = {"working_dir": folder, "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}}
+    submission_id = client.submit_job(entrypoint="python -m jobs.train job.yaml", runtime_env=runtime_env)
     info = wait_until_done(client, submission_id)
     return {"info": info, "logs": client.get_job_logs(submission_id), "run": root / "runs" / "shapes"}
 
