@@ -5,7 +5,7 @@
 Contenders, measured in one run and alternating, each in a fresh process:
   textbook   tf.keras model.fit on the frozen backbone over a tf.data pipeline of the same Parquet files
   ray_data   Ray's documented path: TensorflowTrainer (1 worker) with Ray Data read_parquet + to_tf
-  job_1w     this job, 1 worker          job_2w    this job, 2 workers
+  job_1w     this job, 1 worker          job_2w    this job, 2 workers (the machine's CPUs shared among them)
   limit      the compute limit: backbone forward (head pass) and forward+backward (fine-tune) on in-memory tensors
 Per pass: wall seconds, images/s of training, seconds from process start to the first training step, an upper
 bound of the input-wait fraction; per contender the peak RSS of the training process. Medians over the repeats.
@@ -194,7 +194,8 @@ def job(data: str, workers: int, weights: str) -> dict:
         "model": {"backbone": BACKBONE, "weights": weights},
         "head": {"epochs": HEAD_EPOCHS, "batch_size": BATCH},
         "finetune": {"epochs": FINETUNE_EPOCHS, "unfreeze": UNFREEZE},
-        "scaling": {"num_workers": workers},
+        # The machine's CPUs shared among the workers, as the textbook process has them all.
+        "scaling": {"num_workers": workers, "cpus_per_worker": max(1, (os.cpu_count() or 1) // workers)},
     }
     with open(os.path.join(root, "job.yaml"), "w") as f:
         yaml.safe_dump(config, f)
