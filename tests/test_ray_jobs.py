@@ -361,45 +361,38 @@ def test_finetune_job_starts_from_the_export_the_head_task_returned(dag_run):
     assert f"--set finetune.init_from={head_export}" in job_of(dag_run, "finetune").entrypoint
 
 
-def test_retried_head_task_does_not_train_again(dag_run, ray_head):
+def second_try(ray_head: dict[str, str], job, name: str) -> tuple[dict, list[str]]:
+    """What the DAG's task does on its second try for `job`'s pass: its summary and the lines it echoed."""
     from jobs.dags import ray_submit
 
-    head = job_of(dag_run, "head")
-    name = head.submission_id.removesuffix("-try1")
-    lines = []
+    lines: list[str] = []
     summary = ray_submit.submit_and_wait(
         ray_head["address"],
-        head.entrypoint,
-        head.runtime_env,
+        job.entrypoint,
+        job.runtime_env,
         name=name,
         try_number=2,
         poll_s=1,
         echo=lines.append,
         headers=auth(ray_head),
     )
+    return summary, lines
+
+
+def test_retried_head_task_does_not_train_again(dag_run, ray_head):
+    head = job_of(dag_run, "head")
+    summary, lines = second_try(ray_head, head, name=head.submission_id.removesuffix("-try1"))
     assert summary["passes"]["head"]["status"] == "skipped"
     assert any(line.startswith("head: already finished (2 epochs)") for line in lines)
     assert not any(line.startswith("head epoch ") for line in lines)
 
 
 def test_retry_waits_for_the_earlier_try_still_running_instead_of_starting_another(dag_run, ray_head):
-    from jobs.dags import ray_submit
-
     client, head = dag_run["client"], job_of(dag_run, "head")
     name = head.submission_id.removesuffix("-try1") + "-again"
     # Try 1 submitted its job, then its Airflow worker died; the job runs on.
     client.submit_job(entrypoint=head.entrypoint, runtime_env=head.runtime_env, submission_id=f"{name}-try1")
-    lines = []
-    summary = ray_submit.submit_and_wait(
-        ray_head["address"],
-        head.entrypoint,
-        head.runtime_env,
-        name=name,
-        try_number=2,
-        poll_s=1,
-        echo=lines.append,
-        headers=auth(ray_head),
-    )
+    summary, lines = second_try(ray_head, head, name)
     assert lines[0] == f"{name}-try1: still running from an earlier try; waiting for it"
     assert summary["passes"]["head"]["status"] == "skipped"
     assert f"{name}-try2" not in {job.submission_id for job in client.list_jobs()}

@@ -89,12 +89,9 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         # variable (~9 s for mobilenet_v2 on 2 CPU workers), for weights every worker loads anyway.
         extractor, head = split_at_features(build_pass_model(spec, cfg.model.weights))
         extract = inference(extractor)
-        with strategy.scope():
-            trained = tf.keras.models.clone_model(head)  # the same layers and names, as MWMS variables
-    else:
-        with strategy.scope():
-            trained = build_pass_model(spec, cfg.model.weights)
     with strategy.scope():
+        # With the cache, the head's clone: the same layers and names, as MWMS variables.
+        trained = tf.keras.models.clone_model(head) if cache else build_pass_model(spec, cfg.model.weights)
         compile_model(trained, spec.learning_rate, cfg.scaling.jit_compile)
         # Create the optimizer's slots now, so a checkpoint restores them at once instead of lazily.
         trained.optimizer.build(trained.trainable_variables)
