@@ -8,7 +8,11 @@ import sys
 
 import pytest
 
-import transfer  # noqa: F401  (selects tf-keras before TensorFlow loads)
+# Every Ray the tests start (ray.init's local cluster, Cluster nodes, the CLI's and its workers') binds 127.0.0.1,
+# not this machine's network address: tests talk to loopback only. Set before Ray is imported anywhere.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+import transfer  # noqa: E402, F401  (selects tf-keras before TensorFlow loads)
 from tests.moto_s3 import start_moto_s3
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from transfer.config import from_dict
+from transfer.config import AUGMENTATIONS, from_dict
+from transfer.data.cache import RowCache, inference
 from transfer.data.pipeline import augmentation
 from transfer.errors import ConfigError
 from transfer.model import build_model, compile_model, split_at_features
-from transfer.train_loop import FeatureCache, inference
 
 
 @pytest.fixture
@@ -36,22 +36,31 @@ def test_training_the_head_on_features_trains_the_full_model(model):
 @pytest.mark.parametrize("budget_mb", [64, 0])  # in memory; spilled to local disk
 def test_feature_cache_holds_each_row_once_and_feeds_whole_batches(model, budget_mb):
     extractor, _ = split_at_features(model)
-    cache = FeatureCache(inference(extractor), images(20), rows=20, budget_mb=budget_mb)
+    cache = RowCache(images(20), rows=20, budget_mb=budget_mb, transform=inference(extractor, tf.float32))
     assert cache.on_disk == (budget_mb == 0)
     x, _ = next(iter(images(20, 20)))
-    np.testing.assert_allclose(cache.features, extractor(x).numpy(), atol=1e-5)
+    np.testing.assert_allclose(cache.values, extractor(x).numpy(), atol=1e-5)
     validation = list(cache.dataset(batch_size=8, training=False, seed=0))
     assert [len(y) for _, y in validation] == [8, 8, 4]
     assert sorted(np.concatenate([y.numpy() for _, y in validation])) == sorted(cache.labels)
     training = list(cache.dataset(batch_size=8, training=True, seed=0).take(6))  # endless, whole batches
-    assert all(f.shape == (8, cache.features.shape[1]) for f, _ in training)
+    assert all(f.shape == (8, cache.values.shape[1]) for f, _ in training)
 
 
-def test_augmentations_keep_shape_and_range():
-    image = tf.random.uniform((40, 40, 3), 0, 255)
-    out = augmentation(("flip", "crop", "rotation", "contrast"), (40, 40))(image)
-    assert out.shape == (40, 40, 3)
-    assert float(tf.reduce_min(out)) >= 0 and float(tf.reduce_max(out)) <= 255
+@pytest.mark.parametrize("names", [("flip",), ("crop",), ("rotation",), ("contrast",), AUGMENTATIONS])
+def test_each_augmentation_changes_images_and_keeps_their_shape_and_range(names):
+    tf.keras.utils.set_random_seed(0)
+    ramp = tf.cast(tf.range(40), tf.float32) * 6.0  # asymmetric, so a flip, a crop and a rotation all show
+    image = tf.stack(
+        [ramp[None, :] + 0 * ramp[:, None], ramp[:, None] + 0 * ramp[None, :], 255 - ramp[None, :] + 0 * ramp[:, None]],
+        -1,
+    )
+    augment = augmentation(names, (40, 40))
+    outs = [augment(image) for _ in range(8)]
+    assert all(out.shape == (40, 40, 3) for out in outs)
+    assert all(float(tf.reduce_min(out)) >= 0 and float(tf.reduce_max(out)) <= 255 for out in outs)
+    changed = [float(tf.reduce_mean(tf.abs(out - image))) > 1.0 for out in outs]
+    assert sum(changed) >= 3  # random: some draws may keep an image (a flip has a 1 in 2 chance)
 
 
 def test_augmentation_turns_caching_off_and_on_is_refused_with_it():

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from transfer.data import parquet
-from transfer.data.pipeline import BadRecords, make_dataset
+from transfer.data.pipeline import BadRecords, decode_image, make_dataset
 from transfer.data.plan import plan_dataset
 from transfer.errors import DataError
 
@@ -114,6 +114,46 @@ def test_bad_records_are_skipped_counted_and_named(tmp_path):
     assert bad.examples[0].startswith(f"{path} row group 0 row 0")
 
 
+def test_bad_records_are_counted_once_however_often_they_are_read(tmp_path):
+    from tests.conftest import write_bad_parquet
+
+    path = str(tmp_path / "bad.parquet")
+    write_bad_parquet(path)
+    index = parquet.scan(path, "image", "label")
+    plan = plan_dataset(index, index, 0.0, 1, seed=0)
+    bad = BadRecords("skip")
+    training = make_dataset(plan.train.shards[0], 6, plan.classes, "image", "label", (32, 32), 2, True, bad=bad)
+    assert len(list(training.take(12))) == 12  # 24 images: each usable row read several times, and each bad one
+    assert len(bad.found) == len(bad.examples) == 3
+
+
+def photo(size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Smooth structure at several scales plus grain: decodes like a photo, unlike a flat drawing."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((*size, 3), np.float32)
+    for cells in (4, 16, 64):
+        field = rng.uniform(0, 255, (cells, cells, 3)).astype(np.float32)
+        image += tf.image.resize(field[None], size).numpy()[0] / 3
+    return np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("source", [(1024, 768), (700, 1400), (500, 300), (64, 48)])
+def test_a_large_jpeg_decoded_at_reduced_scale_matches_a_full_decode_and_resize(source):
+    data = tf.io.encode_jpeg(photo(source), quality=92)
+    full = tf.image.resize(tf.io.decode_jpeg(data, channels=3), (224, 224)).numpy()
+    reduced = decode_image(data, (224, 224))
+    assert reduced.shape == (224, 224, 3) and reduced.dtype == tf.uint8
+    difference = np.abs(reduced.numpy().astype(np.float32) - full)
+    assert difference.mean() < 3.0  # of 255: the same picture, filtered a little differently
+
+
+def test_png_and_grayscale_jpeg_decode_to_rgb_at_the_target_size():
+    gray = np.full((300, 200, 1), 77, np.uint8)
+    for data in (tf.io.encode_png(gray), tf.io.encode_jpeg(gray)):
+        image = decode_image(data, (64, 32)).numpy()
+        assert image.shape == (64, 32, 3) and abs(image.mean() - 77) < 2
+
+
 def test_bad_records_fail_names_the_first_and_a_shard_of_only_bad_records_ends(tmp_path):
     from tests.conftest import write_bad_parquet
 
@@ -135,3 +175,13 @@ def test_scan_reads_a_glob_of_files(tmp_path):
         pq.write_table(pa.table({"image": [b"x"] * (i + 1), "label": [i] * (i + 1)}), tmp_path / f"p{i}.parquet")
     index = parquet.scan(str(tmp_path / "p[01].parquet"), "image", "label")
     assert index.labels == [0, 1, 1]
+
+
+def test_a_row_group_that_cannot_be_read_stops_the_pipeline_instead_of_being_skipped(dataset):
+    path, _ = dataset
+    plan = plan_dataset(parquet.scan(path, "img", "cls"), None, 0.25, 1, seed=0)
+    with open(path, "r+b") as f:  # truncated after planning, as a file rewritten while the job runs
+        f.truncate(200)
+    ds = make_dataset(plan.train.shards[0], plan.train.rows_per_worker, plan.classes, "img", "cls", (32, 32), 4, True)
+    with pytest.raises(tf.errors.OpError):
+        list(ds.take(3))

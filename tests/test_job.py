@@ -35,12 +35,18 @@ def test_both_passes_learn_well_above_chance(finished_run):
 
 
 def test_one_line_per_epoch_per_pass(finished_run):
+    from transfer.config import load_config
+    from transfer.job import plan_data
+
     lines = finished_run["result"].stdout.splitlines()
     assert len([line for line in lines if line.startswith("head epoch ")]) == 3
     assert len([line for line in lines if line.startswith("finetune epoch ")]) == 2
     assert any(line.startswith("head epoch 3/3: loss ") and "val_accuracy" in line for line in lines)
-    # The frozen backbone ran once per image, not once per epoch.
-    assert any(line.startswith("head: backbone features of 240 images per worker computed in") for line in lines)
+    plan = plan_data(load_config(finished_run["config"]))
+    train, val = plan.train.rows_per_worker, plan.validation.rows_per_worker
+    # The frozen backbone ran once per image, not once per epoch; fine-tuning decoded its validation images once.
+    assert any(line.startswith(f"head: backbone features of {train} images per worker computed in") for line in lines)
+    assert any(line.startswith(f"finetune: {val} validation images per worker decoded once in") for line in lines)
 
 
 def test_outputs_are_where_the_contract_says(finished_run):

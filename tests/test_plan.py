@@ -80,3 +80,28 @@ def test_validation_labels_must_be_known_to_training():
 def test_class_names_sort_strings_and_numbers():
     assert class_names(["dog", "cat", "dog", "ant"]) == ["ant", "cat", "dog"]
     assert class_names([10, 2, 1, 2]) == ["1", "2", "10"]
+
+
+def validation_groups(plan) -> dict[tuple[str, int], int]:
+    """Validation rows per row group, over all workers."""
+    rows: dict[tuple[str, int], int] = {}
+    for unit in (u for shard in plan.validation.shards for u in shard):
+        rows[(unit.file, unit.row_group)] = rows.get((unit.file, unit.row_group), 0) + len(unit.rows)
+    return rows
+
+
+def test_validation_takes_whole_row_groups_when_they_keep_the_fraction_and_the_class_mix():
+    rng = np.random.default_rng(0)
+    data = index([50] * 60, labels=list(rng.choice(["a", "b", "c", "d"], 3000)))
+    plan = plan_dataset(data, None, 0.1, 2, seed=0)
+    groups = validation_groups(plan)
+    assert len(groups) == 6 and all(n >= 49 for n in groups.values())  # whole groups (less an odd row left out)
+    assert 2 * plan.validation.rows_per_worker == 300
+
+
+def test_validation_of_class_sorted_row_groups_is_drawn_row_by_row():
+    # One class per row group, as files written class by class: whole groups would validate on a few classes.
+    data = index([50] * 60, labels=[f"c{i // 50}" for i in range(3000)])
+    plan = plan_dataset(data, None, 0.1, 2, seed=0)
+    assert len(validation_groups(plan)) > 30  # rows from most groups, so every class is validated
+    assert 2 * plan.validation.rows_per_worker == 300

@@ -68,6 +68,9 @@ def test_parquet_on_s3_with_bad_records_trains_on_2_workers_into_s3_storage(s3, 
     metrics = json.loads(storage.read_text(f"{export}/metrics.json"))
     bad = metrics["bad_records"]
     assert (bad["left_out_while_planning"], bad["found_while_reading"]) == (1, 3)
+    # Each bad record counted once, in the epoch that first met it, although every epoch skips it again.
+    assert [row["bad_records"] for row in metrics["history"]] == [3, 0]
+    assert result.stdout.count("| 3 bad records skipped") == 1
     reasons = "\n".join(bad["examples"])
     assert "row group 0 row 0: empty image" in reasons and "row group 0 row 1: not a decodable image" in reasons
     assert metrics["final"]["val_accuracy"] >= 0.5
@@ -102,12 +105,14 @@ def test_bad_records_fail_stops_naming_the_record(s3, s3_train, assets, tmp_path
     storage.write_bytes(f"{target}part-000.parquet", storage.read_bytes(f"{s3_train}part-000.parquet"))
     result = run_cli(
         config, "--pass", "head", "--set", f"data.train={target}", "--set", "data.bad_records=fail",
-        "--set", "scaling.max_failures=0",
+        "--set", "scaling.max_failures=2",
     )  # fmt: skip
     assert result.returncode == 3, result.stderr[-3000:]
     assert "error: data.bad_records is fail: s3://transfer-test/failing/train/part-bad.parquet row group 0 row" in (
         result.stderr
     )
+    # The same data fails the same way on every try: no worker-group restart first.
+    assert "worker group restarted" not in result.stdout
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

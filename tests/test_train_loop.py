@@ -5,8 +5,8 @@ import numpy as np
 import ray.train
 import tensorflow as tf
 
+from transfer.checkpoint import STATE, WEIGHTS, restore, trained_parts
 from transfer.model import BACKBONE_LAYER, build_model, compile_model, unfreeze_model
-from transfer.train_loop import STATE, WEIGHTS, restore, trained_parts
 
 
 def pretrained(path) -> str:

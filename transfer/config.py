@@ -52,6 +52,10 @@ class Data:
     seed: int = 0  # the validation split and the shard plan are deterministic for a seed
     shuffle_buffer: int = 1024
     augment: tuple[str, ...] = ()  # any of flip, crop, rotation, contrast; training images only
+    decode_threads: int | None = None  # images decoded at once per worker; default scaling.cpus_per_worker
+    row_groups_in_flight: int | None = None  # row groups read at once per worker; default max(4, 2 x CPUs)
+    fetches_in_flight: int = 16  # image objects requested at once per row group being read
+    validation_cache_mb: int = 2048  # per worker: decoded validation images kept in memory; beyond, on local disk
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,11 @@ def _check_values(c: Config, source: str) -> None:
         fail("data.image_size", f"both sides must be >= 32, got {list(c.data.image_size)}")
     one_of("data.bad_records", c.data.bad_records, ("skip", "fail"))
     at_least("data.shuffle_buffer", c.data.shuffle_buffer, 1)
+    for key in ("decode_threads", "row_groups_in_flight"):
+        if getattr(c.data, key) is not None:
+            at_least(f"data.{key}", getattr(c.data, key), 1)
+    at_least("data.fetches_in_flight", c.data.fetches_in_flight, 1)
+    at_least("data.validation_cache_mb", c.data.validation_cache_mb, 0)
     one_of("model.backbone", c.model.backbone, BACKBONES)
     if not c.model.weights:
         fail("model.weights", "must be imagenet, none, or a file path or URI")
@@ -329,3 +338,9 @@ def _check_values(c: Config, source: str) -> None:
     at_least("scaling.cpus_per_worker", c.scaling.cpus_per_worker, 1)
     at_least("scaling.max_failures", c.scaling.max_failures, 0)
     at_least("scaling.collective_timeout_s", c.scaling.collective_timeout_s, 1)
+    if c.scaling.jit_compile and not c.scaling.use_gpu and c.scaling.num_workers > 1:
+        fail(
+            "scaling.jit_compile",
+            "XLA has no collectives on CPU, and the gradients' all-reduce is inside the compiled step: "
+            "use it with use_gpu: true or num_workers: 1",
+        )

@@ -8,6 +8,7 @@ from transfer import backbones
 from transfer.errors import ConfigError
 
 BACKBONE_LAYER = "backbone"
+CLASSIFIER_LAYER = "classifier"
 
 
 def build_model(
@@ -30,7 +31,7 @@ def build_model(
     x = backbone(x, training=False)
     x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = tf.keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = tf.keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="classifier")(x)
+    outputs = tf.keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name=CLASSIFIER_LAYER)(x)
     return tf.keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
 
 
@@ -42,8 +43,62 @@ def split_at_features(model: tf.keras.Model) -> tuple[tf.keras.Model, tf.keras.M
     pooled = model.get_layer("pool").output
     extractor = tf.keras.Model(model.input, pooled, name="features")
     features = tf.keras.Input(pooled.shape[1:], name="features")
-    outputs = model.get_layer("classifier")(model.get_layer("dropout")(features))
+    outputs = model.get_layer(CLASSIFIER_LAYER)(model.get_layer("dropout")(features))
     return extractor, tf.keras.Model(features, outputs, name="head")
+
+
+def with_precision(model: tf.keras.Model, policy: str | None) -> tf.keras.Model:
+    """The same model (architecture, names, weights, trainable flags) computing in `policy`, e.g. "mixed_bfloat16".
+
+    A loaded model.keras keeps the dtype policy each layer was saved with, so a global policy set before loading
+    does not reach it. The inputs and stateful preprocessing stay float32 (see `_stays_float32`), and so does the
+    classifier: softmax and loss in full precision. Call it before `unfreeze_model`. With `policy=None` the model
+    is returned as it is.
+    """
+    if policy is None:
+        return model
+    config = model.get_config()
+    _set_compute_policy(config, policy)
+    previous = tf.keras.mixed_precision.global_policy()
+    # The models themselves (outer and nested) save no dtype and take the global one; compile reads the outer
+    # model's to decide on loss scaling (mixed_float16), so they must be made under `policy` too.
+    tf.keras.mixed_precision.set_global_policy(policy)
+    try:
+        rebuilt = tf.keras.Model.from_config(config)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+    for old, new in zip(_walk(model), _walk(rebuilt), strict=True):
+        new.trainable = old.trainable
+    # Same config, same trainable flags: the weights come in the same order.
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def _set_compute_policy(config: dict, policy: str) -> None:
+    for layer in config["layers"]:
+        inner = layer["config"]
+        if "layers" in inner:  # a nested model: the backbone
+            _set_compute_policy(inner, policy)
+        elif inner["name"] != CLASSIFIER_LAYER and not _stays_float32(layer["class_name"]):
+            inner["dtype"] = policy
+
+
+def _stays_float32(class_name: str) -> bool:
+    """Input layers, and stateful preprocessing layers (EfficientNet's Normalization): these create their state in
+    the compute dtype, and a bfloat16 variable saved in model.keras does not load again ("No cast function")."""
+    cls = getattr(tf.keras.layers, class_name, None)
+    return cls is tf.keras.layers.InputLayer or (
+        isinstance(cls, type) and issubclass(cls, tf.keras.layers.experimental.preprocessing.PreprocessingLayer)
+    )
+
+
+def _walk(model: tf.keras.layers.Layer) -> list[tf.keras.layers.Layer]:
+    """The model and every layer in it, each parent before its children (setting `trainable` on a parent
+    sets it on all its children, so the children's own flags must come after)."""
+    found = [model]
+    for layer in getattr(model, "layers", []):
+        found += _walk(layer)
+    return found
 
 
 def unfreeze_model(model: tf.keras.Model, unfreeze: int | str) -> list[str]:
@@ -73,10 +128,14 @@ def unfreeze_model(model: tf.keras.Model, unfreeze: int | str) -> list[str]:
     return unfrozen
 
 
-def compile_model(model: tf.keras.Model, learning_rate: float, jit_compile: bool = False) -> None:
+def compile_model(
+    model: tf.keras.Model, learning_rate: float, jit_compile: bool = False, steps_per_execution: int = 1
+) -> None:
+    """Adam on sparse categorical cross-entropy; `steps_per_execution` steps run in one call from Python."""
     model.compile(
         optimizer=tf.keras.optimizers.Adam(learning_rate),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(),
         metrics=["accuracy"],
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )

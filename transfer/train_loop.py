@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import os
 import resource
-import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import numpy as np
 import ray.train
 import tensorflow as tf
 
-from transfer import storage
+from transfer import checkpoint, storage
+from transfer.checkpoint import restore
 from transfer.config import Config, from_dict
-from transfer.data.pipeline import BadRecords, make_dataset
+from transfer.data.cache import RowCache, inference
+from transfer.data.pipeline import BadRecords, Parallelism, make_dataset
 from transfer.data.plan import DatasetPlan, Split
-from transfer.model import build_model, compile_model, split_at_features, unfreeze_model
-
-WEIGHTS = "weights/ckpt"  # tf.train.Checkpoint: the weights the pass trains (see `trained_parts`) and the optimizer
-STATE = "state.json"  # the pass, the last finished epoch and the per-epoch history
-BAD_RECORDS = "bad_records"  # one JSON file per rank: the bad records it found, and the first few
-CONFIG = "config.yaml"
+from transfer.model import build_model, compile_model, split_at_features, unfreeze_model, with_precision
 
 
 @dataclass(frozen=True)
@@ -67,186 +61,149 @@ def build_pass_model(spec: PassSpec, backbone_weights: str) -> tf.keras.Model:
         )
     with storage.local_copy(spec.init_model) as path:
         model = tf.keras.models.load_model(path, compile=False, safe_mode=True)
+    model = with_precision(model, cfg.precision_policy)  # a loaded model keeps the dtypes it was saved with
     unfreeze_model(model, cfg.finetune.unfreeze)
     return model
 
 
 def train_loop_per_worker(spec: PassSpec) -> None:
+    """One worker's pass, top to bottom: strategy -> model -> input -> fit, checkpointing every epoch."""
     cfg = spec.cfg
-    _size_thread_pools(cfg.scaling.cpus_per_worker)
-    if cfg.precision_policy:
-        tf.keras.mixed_precision.set_global_policy(cfg.precision_policy)
+    start_tensorflow(cfg)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=cfg.scaling.collective_timeout_s
         )
     )
     rank = ray.train.get_context().get_world_rank()
-    cache = spec.pass_name == "head" and cfg.caches_features
-    if cache:
-        # Only the head trains, on features each worker computes once for its shard. The backbone is built
-        # outside MWMS: inside, every variable's initial value is broadcast from rank 0, one collective per
-        # variable (~9 s for mobilenet_v2 on 2 CPU workers), for weights every worker loads anyway.
-        extractor, head = split_at_features(build_pass_model(spec, cfg.model.weights))
-        extract = inference(extractor)
+    inputs = CachedFeatures(spec) if spec.pass_name == "head" and cfg.caches_features else Images(spec)
     with strategy.scope():
-        # With the cache, the head's clone: the same layers and names, as MWMS variables.
-        trained = tf.keras.models.clone_model(head) if cache else build_pass_model(spec, cfg.model.weights)
-        compile_model(trained, spec.learning_rate, cfg.scaling.jit_compile)
+        trained = inputs.trained_model()
+        compile_model(trained, spec.learning_rate, cfg.scaling.jit_compile, inputs.steps_per_execution)
         # Create the optimizer's slots now, so a checkpoint restores them at once instead of lazily.
         trained.optimizer.build(trained.trainable_variables)
-
     history = restore(trained, ray.train.get_checkpoint(), trained.optimizer)["history"]
     if rank == 0 and spec.progress is not None:
         spec.progress.put({"event": "start", "pass": spec.pass_name, "epoch": len(history)})
 
-    data = cfg.data
-    batch_size = spec.batch_size
-    bad = BadRecords(data.bad_records)
-
-    def images(split: Split, pipeline: int, training: bool) -> tf.data.Dataset:
-        return make_dataset(
-            split.shards[pipeline],
-            split.rows_per_worker,
-            spec.plan.classes,
-            data.image_column,
-            data.label_column,
-            data.image_size,
-            batch_size,
-            training=training,
-            bad=bad,
-            shuffle_buffer=data.shuffle_buffer,
-            seed=data.seed + pipeline,
-            augment=data.augment,
-        )
-
-    def distributed(split: Split, training: bool):
-        if cache:
-            rows = split.rows_per_worker
-            cached = FeatureCache(extract, images(split, rank, training=False), rows, cfg.head.feature_cache_mb)
-            _post_cache(spec, rank, split, cached)
-
-            def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-                return cached.dataset(batch_size, training, seed=data.seed + context.input_pipeline_id)
-        else:
-
-            def fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-                return images(split, context.input_pipeline_id, training)
-
-        return strategy.distribute_datasets_from_function(fn)
-
-    steps = spec.plan.steps_per_epoch(batch_size)
-    callback = CheckpointEachEpoch(spec, history, rank, steps * batch_size * _world_size(), strategy, bad)
+    bad = BadRecords(cfg.data.bad_records)
+    steps = spec.plan.steps_per_epoch(spec.batch_size)
+    callback = CheckpointEachEpoch(spec, history, rank, steps * spec.batch_size * _world_size(), strategy, bad)
     try:
+        reader = ShardReader(spec, bad)
         trained.fit(
-            distributed(spec.plan.train, training=True),
+            strategy.distribute_datasets_from_function(inputs.train(reader, rank)),
             epochs=spec.epochs,
             initial_epoch=len(history),
             steps_per_epoch=steps,
-            validation_data=distributed(spec.plan.validation, training=False),
-            validation_steps=spec.plan.validation_steps(batch_size),
+            validation_data=strategy.distribute_datasets_from_function(inputs.validation(reader, rank)),
+            validation_steps=spec.plan.validation_steps(spec.batch_size),
             callbacks=[callback],
             verbose=0,
         )
     except Exception:
-        if bad.error is not None:  # the pipeline stopped on a bad record: say which, not TensorFlow's wrapper
+        # The pipeline stopped on a bad record (reading, caching or training): say which, not TensorFlow's wrapper.
+        if bad.error is not None:
             raise bad.error from None
         raise
 
 
-def inference(model: tf.keras.Model) -> tf.types.experimental.ConcreteFunction:
-    """The model's inference, traced once for any batch size: the training and validation caches and a partial
-    last batch would each trace it again (seconds per trace, on every worker)."""
-    spec = tf.TensorSpec(model.input_shape, model.input.dtype)
-    return tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 
 
-class FeatureCache:
-    """One worker's backbone features for its shard, computed once: in memory, or on local disk past a budget.
+class ShardReader:
+    """This worker's image datasets, read and decoded as the config says."""
 
-    Reading images stays the job's pipeline (bad records skipped, exactly the shard's rows); training then
-    reads features by index, reshuffled every pass, with the same number of steps as from images.
+    def __init__(self, spec: PassSpec, bad: BadRecords):
+        self.spec, self.bad = spec, bad
+        data = spec.cfg.data
+        self.parallelism = Parallelism.for_cpus(
+            spec.cfg.scaling.cpus_per_worker, data.decode_threads, data.row_groups_in_flight, data.fetches_in_flight
+        )
+
+    def images(self, split: Split, rank: int, training: bool) -> tf.data.Dataset:
+        data = self.spec.cfg.data
+        return make_dataset(
+            split.shards[rank],
+            split.rows_per_worker,
+            self.spec.plan.classes,
+            data.image_column,
+            data.label_column,
+            data.image_size,
+            self.spec.batch_size,
+            training=training,
+            bad=self.bad,
+            shuffle_buffer=data.shuffle_buffer,
+            seed=data.seed + rank,
+            augment=data.augment if training else (),
+            parallelism=self.parallelism,
+        )
+
+
+class Images:
+    """The input of the fine-tune pass, and of a head pass with augmentation: images, decoded every epoch for
+    training; the validation images decoded once, then kept (uint8) for every epoch's validation."""
+
+    def __init__(self, spec: PassSpec):
+        self.spec = spec
+        self.steps_per_execution = 1
+
+    def trained_model(self) -> tf.keras.Model:
+        return build_pass_model(self.spec, self.spec.cfg.model.weights)
+
+    def train(self, reader: ShardReader, rank: int) -> DatasetFn:
+        return lambda context: reader.images(self.spec.plan.train, rank, training=True)
+
+    def validation(self, reader: ShardReader, rank: int) -> DatasetFn:
+        split, cfg = self.spec.plan.validation, self.spec.cfg
+        cache = RowCache(
+            reader.images(split, rank, training=False), split.rows_per_worker, cfg.data.validation_cache_mb,
+            dtype="uint8",
+        )  # fmt: skip
+        _post_cache(self.spec, rank, f"{len(cache.labels)} validation images per worker decoded once", cache)
+        return lambda context: cache.dataset(self.spec.batch_size, training=False, seed=cfg.data.seed + rank)
+
+
+class CachedFeatures:
+    """The head pass's input: each worker computes its shard's backbone features once; only the head trains.
+
+    The backbone is built outside MWMS: inside, every variable's initial value is broadcast from rank 0, one
+    collective per variable (~9 s for mobilenet_v2 on 2 CPU workers), for weights every worker loads anyway.
     """
 
-    def __init__(
-        self, extract: tf.types.experimental.ConcreteFunction, images: tf.data.Dataset, rows: int, budget_mb: int
-    ):
-        start = time.monotonic()
-        width = extract.structured_outputs.shape[-1]
-        self.on_disk = rows * width * 4 > budget_mb * 2**20
-        if self.on_disk:
-            self._folder = tempfile.TemporaryDirectory(prefix="transfer-features-")
-            path = os.path.join(self._folder.name, "features.npy")
-            self.features = np.lib.format.open_memmap(path, mode="w+", dtype="float32", shape=(rows, width))
-        else:
-            self.features = np.empty((rows, width), dtype="float32")
-        self.labels = np.empty(rows, dtype="int32")
-        row = 0
-        for x, y in images:  # exactly `rows` rows: the pipeline makes up for skipped records
-            self.features[row : row + len(y)] = extract(x).numpy()
-            self.labels[row : row + len(y)] = y.numpy()
-            row += len(y)
-        self.seconds = time.monotonic() - start
+    def __init__(self, spec: PassSpec):
+        self.spec = spec
+        extractor, self.head = split_at_features(build_pass_model(spec, spec.cfg.model.weights))
+        self.extract = inference(extractor)
+        # A step of a small head on cached features takes microseconds; Keras' own per-step work (a Python call,
+        # a host sync) took ~30 ms of it. A whole epoch per call runs the same steps, in one graph.
+        self.steps_per_execution = spec.plan.steps_per_epoch(spec.batch_size)
 
-    def dataset(self, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
-        ids = tf.data.Dataset.range(len(self.labels))
-        if training:
-            ids = ids.shuffle(len(self.labels), seed=seed, reshuffle_each_iteration=True).repeat()
-        ids = ids.batch(batch_size, drop_remainder=training)
-        width = self.features.shape[1]
+    def trained_model(self) -> tf.keras.Model:
+        return tf.keras.models.clone_model(self.head)  # the same layers and names, as MWMS variables
 
-        def rows(i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            i = np.sort(i)  # in file order: a disk-backed cache reads forward
-            return self.features[i], self.labels[i]
+    def train(self, reader: ShardReader, rank: int) -> DatasetFn:
+        return self._features(reader, rank, self.spec.plan.train, training=True)
 
-        def gather(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            features, labels = tf.numpy_function(rows, [i], (tf.float32, tf.int32))
-            features.set_shape((None, width))
-            labels.set_shape((None,))
-            return features, labels
+    def validation(self, reader: ShardReader, rank: int) -> DatasetFn:
+        return self._features(reader, rank, self.spec.plan.validation, training=False)
 
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return ids.map(gather).with_options(options).prefetch(tf.data.AUTOTUNE)
+    def _features(self, reader: ShardReader, rank: int, split: Split, training: bool) -> DatasetFn:
+        cfg = self.spec.cfg
+        images = reader.images(split, rank, training=False)  # every row once, in order
+        cache = RowCache(images, split.rows_per_worker, cfg.head.feature_cache_mb, transform=self.extract)
+        which = "" if training else "validation "
+        what = f"backbone features of {len(cache.labels)} {which}images per worker computed"
+        _post_cache(self.spec, rank, what, cache)
+        return lambda context: cache.dataset(self.spec.batch_size, training, seed=cfg.data.seed + rank)
 
 
-def _post_cache(spec: PassSpec, rank: int, split: Split, cache: FeatureCache) -> None:
+def _post_cache(spec: PassSpec, rank: int, what: str, cache: RowCache) -> None:
     if rank == 0 and spec.progress is not None:
         where = "local disk" if cache.on_disk else "memory"
         spec.progress.put(
-            {"event": "features", "pass": spec.pass_name, "rows": len(cache.labels), "seconds": cache.seconds,
-             "where": where}
-        )  # fmt: skip
-
-
-def trained_parts(model: tf.keras.Model, pass_name: str) -> dict[str, tf.Module]:
-    """What a pass's checkpoints hold: what it trains. The head pass changes only the classifier; its frozen
-    backbone is the weights it was built from. Saving the backbone anyway would cost seconds every epoch:
-    under MWMS, reading each BatchNorm statistic for a save is an all-reduce across the workers."""
-    if pass_name == "head":
-        return {"classifier": model.get_layer("classifier")}
-    return {"model": model}
-
-
-def restore(
-    model: tf.keras.Model, checkpoint: ray.train.Checkpoint | None, optimizer: tf.keras.optimizers.Optimizer = None
-) -> dict:
-    """Loads the pass's trained weights (and the optimizer's state, when given) from a checkpoint into a model
-    built for the pass (a head-pass model holds its backbone's weights already).
-
-    Returns its per-epoch `history` ([] without a checkpoint) and the `bad_records` all ranks found.
-    """
-    if checkpoint is None:
-        return {"history": [], "bad_records": {"found": 0, "examples": []}}
-    with checkpoint.as_directory() as directory:
-        with open(os.path.join(directory, STATE)) as f:
-            state = json.load(f)
-        parts = trained_parts(model, state["pass"])
-        if optimizer is not None:
-            parts["optimizer"] = optimizer
-        # Partial: the driver's model (for export) restores the weights alone.
-        tf.train.Checkpoint(**parts).read(os.path.join(directory, WEIGHTS)).expect_partial()
-        return {"history": state["history"], "bad_records": read_bad_records(directory)}
+            {"event": "cache", "pass": spec.pass_name, "what": what, "seconds": cache.seconds, "where": where}
+        )
 
 
 class CheckpointEachEpoch(tf.keras.callbacks.Callback):
@@ -269,7 +226,7 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         self.spec, self.history, self.rank = spec, history, rank
         self.images_per_epoch = images_per_epoch
         self.strategy, self.bad = strategy, bad
-        self.skipped_before = 0
+        self.found_before = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.start = time.monotonic()
@@ -284,24 +241,18 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         row["images_per_s"] = self.images_per_epoch / (self.train_seconds or seconds)
         row["seconds"] = seconds
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        skipped = self._sum_over_workers(self.bad.skipped)
-        row["bad_records"], self.skipped_before = skipped - self.skipped_before, skipped
+        # Each bad record once, in the epoch that first met it: the pipeline reads ahead into the next epoch,
+        # and every later epoch skips the same records again.
+        found = self._sum_over_workers(len(self.bad.found))
+        row["bad_records"], self.found_before = found - self.found_before, found
         self.history.append(row)
+        state = {"pass": self.spec.pass_name, "epoch": epoch + 1, "history": self.history}
+        bad_records = {"found": len(self.bad.found), "examples": self.bad.examples}
         with tempfile.TemporaryDirectory(prefix="transfer-ckpt-") as directory:
-            parts = trained_parts(self.model, self.spec.pass_name)  # self.model: the model being fit
-            tf.train.Checkpoint(**parts, optimizer=self.model.optimizer).write(os.path.join(directory, WEIGHTS))
-            if self.rank == 0:
-                state = {"pass": self.spec.pass_name, "epoch": epoch + 1, "history": self.history}
-                with open(os.path.join(directory, STATE), "w") as f:
-                    json.dump(state, f, indent=1)
-                with open(os.path.join(directory, CONFIG), "w") as f:
-                    f.write(self.spec.cfg.to_yaml())
-            else:
-                shutil.rmtree(os.path.join(directory, os.path.dirname(WEIGHTS)))  # rank 0's weights are the ones
-            # Every rank adds its own bad records; Ray Train merges the ranks' folders into one checkpoint.
-            os.makedirs(os.path.join(directory, BAD_RECORDS))
-            with open(os.path.join(directory, BAD_RECORDS, f"rank-{self.rank}.json"), "w") as f:
-                json.dump({"found": len(self.bad.found), "examples": self.bad.examples}, f)
+            # self.model: the model being fit
+            checkpoint.write(
+                directory, self.model, self.spec.pass_name, self.rank, state, self.spec.cfg.to_yaml(), bad_records
+            )
             report = {"pass": self.spec.pass_name, "epochs": self.spec.epochs, **row}
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
@@ -311,26 +262,18 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         return int(self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
 
 
-def read_bad_records(checkpoint_dir: str) -> dict:
-    """All ranks' bad records in a checkpoint: how many distinct ones, and the first few."""
-    found, examples = 0, []
-    folder = os.path.join(checkpoint_dir, BAD_RECORDS)
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, name)) as f:
-            rank = json.load(f)
-        found += rank["found"]
-        examples += rank["examples"]
-    return {"found": found, "examples": examples}
-
-
 def _world_size() -> int:
     return ray.train.get_context().get_world_size()
 
 
-def _size_thread_pools(cpus: int) -> None:
-    """Ray sets OMP_NUM_THREADS=1 but leaves TensorFlow's pools at the node's core count: size them to ours."""
+def start_tensorflow(cfg: Config) -> None:
+    """Sizes TensorFlow's thread pools to the worker's CPUs (Ray sets OMP_NUM_THREADS=1 but leaves them at the
+    node's core count, so workers on one node fight over the cores) and sets the mixed-precision policy."""
+    cpus = cfg.scaling.cpus_per_worker
     try:
         tf.config.threading.set_intra_op_parallelism_threads(cpus)
         tf.config.threading.set_inter_op_parallelism_threads(cpus)
     except RuntimeError:  # TensorFlow already initialised in this process
         pass
+    if cfg.precision_policy:
+        tf.keras.mixed_precision.set_global_policy(cfg.precision_policy)

@@ -11,12 +11,13 @@ from ray.train.tensorflow import TensorflowTrainer
 from ray.util.queue import Empty, Queue
 
 from transfer import export, storage
+from transfer.checkpoint import STATE, restore
 from transfer.config import Config
 from transfer.data.parquet import MAX_EXAMPLES
 from transfer.data.plan import DatasetPlan
 from transfer.errors import TrainingError, TransferError
 from transfer.job import Echo
-from transfer.train_loop import STATE, PassSpec, build_pass_model, restore, train_loop_per_worker
+from transfer.train_loop import PassSpec, build_pass_model, train_loop_per_worker
 
 CONTROLLER_POLL_S = 0.2  # read by Ray Train's controller from the driver's environment
 
@@ -53,7 +54,7 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
             storage_path=storage.absolute(cfg.run_uri),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            callbacks=[PostEpochs(progress.queue)],
+            callbacks=[PostEpochs(progress.queue), StopOnUserError()],
         ),
     )
     echo(f"{pass_name}: training {epochs} epochs on {cfg.scaling.num_workers} workers")
@@ -96,6 +97,18 @@ class PostEpochs(UserCallback):
         self.queue.put({"event": "epoch", **metrics[0]})  # rank 0's: its metrics are global (MWMS reduces them)
 
 
+class StopOnUserError(UserCallback):
+    """Runs in the Ray Train controller: a worker that raised the user's own error (a bad record with
+    `bad_records: fail`, a shard with no usable row) ends the run at once. The same data fails the same way on
+    every retry, so restarting the worker group `max_failures` times would only delay the message."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for error in worker_exceptions.values():
+            cause = getattr(error, "cause", error)
+            if isinstance(cause, TransferError):
+                raise cause  # Ray Train does not retry a controller callback's error
+
+
 class Progress:
     """The driver's view of a pass: prints events as they come and counts worker-group restarts.
 
@@ -120,11 +133,8 @@ class Progress:
                 )
             elif event["epoch"]:
                 self.echo(f"{name}: resuming after epoch {event['epoch']} from its latest checkpoint")
-        elif event["event"] == "features":
-            self.echo(
-                f"{name}: backbone features of {event['rows']} images per worker computed in "
-                f"{event['seconds']:.1f} s, cached in {event['where']}"
-            )
+        elif event["event"] == "cache":
+            self.echo(f"{name}: {event['what']} in {event['seconds']:.1f} s, cached in {event['where']}")
         else:
             self.echo(format_epoch(event))
 
@@ -174,6 +184,8 @@ def latest_checkpoint(run_folder: str) -> tuple[str, int] | None:
 def training_error(error: Exception, pass_name: str, run_folder: str, restarts: int) -> TransferError:
     """The user's own error when a worker raised one (config, data); else one line on what failed and what is
     left: the latest good checkpoint, which a rerun resumes from."""
+    if isinstance(getattr(error, "controller_failure", None), TransferError):  # see StopOnUserError
+        return error.controller_failure
     failures = getattr(error, "worker_failures", None) or {}
     for failure in failures.values():
         cause = getattr(failure, "cause", failure)

@@ -1,16 +1,21 @@
-"""A worker's input pipeline: read its units' rows, decode, resize, batch, prefetch.
+"""A worker's input pipeline: read its units' rows, decode and resize in tf.data, shuffle, batch, prefetch.
 
-Rows hold image bytes or image URIs; URIs are fetched with many requests in flight, so object-store latency
-does not starve the pipeline. Images leave the pipeline as float32 RGB in [0, 255]; the backbone's own
-preprocessing is part of the model. Records that cannot be used are skipped and counted (bad_records: skip),
-or stop the run naming the first one (fail).
+Python only reads: Parquet row groups (pyarrow) and image objects (many requests in flight, so object-store
+latency does not starve the pipeline). Decoding and resizing run in tf.data's parallel calls, in C++ threads
+without the GIL. Images leave the pipeline as uint8 RGB at `image_size` (the model casts them on its device, a
+quarter of the bytes to move); augmented images leave as float32 in [0, 255]. The backbone's own preprocessing is
+part of the model. Records that cannot be used are skipped and counted once each (bad_records: skip), or stop the
+run naming the first one (fail).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,48 +26,64 @@ from transfer.data.parquet import MAX_EXAMPLES
 from transfer.data.plan import Unit
 from transfer.errors import DataError
 
-PARALLEL_UNITS = 4  # row groups read at once
-FETCHES_PER_UNIT = 16  # image objects in flight per row group
+UNDECODABLE = "not a decodable image (truncated or not JPEG/PNG/GIF/BMP)"
+JPEG_SCALES = (1, 2, 4, 8)  # the scales libjpeg decodes at in the DCT domain
+CHUNK = 64  # records handed from Python to tf.data at once
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How much one worker's pipeline does at once: by default, from the CPUs the worker was given."""
+
+    decode: int  # images decoded and resized at once (tf.data threads)
+    row_groups: int  # row groups read at once; more mixes more of the shard into each batch
+    fetches: int  # image objects in flight per row group
+
+    @classmethod
+    def for_cpus(
+        cls, cpus: int, decode: int | None = None, row_groups: int | None = None, fetches: int = 16
+    ) -> Parallelism:
+        return cls(decode or cpus, row_groups or max(4, 2 * cpus), fetches)
 
 
 class BadRecords:
-    """The records one worker could not use: how many, the first few with where and why; or, in fail mode, stop."""
+    """The records one worker could not use: each counted once, the first few named with why; or, in fail mode,
+    the first stops the run."""
 
     def __init__(self, mode: str):
         self.mode = mode
         self.found: set[str] = set()
         self.examples: list[str] = []
-        self.skipped = 0  # every skip, the same record again in a later epoch included
         self.error: DataError | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # reader threads and tf.data's threads report here
 
-    def bad(self, where: str, why: str) -> None:
+    def bad(self, where: str, why: str) -> bool:
+        """Records one bad record; True when it is new. Raises in fail mode."""
         example = f"{where}: {why}"
         with self._lock:
             if self.mode == "fail":
                 self.error = DataError(f"data.bad_records is fail: {example}")
                 raise self.error
-            self.skipped += 1
-            if where not in self.found:
-                self.found.add(where)
-                if len(self.examples) < MAX_EXAMPLES:
-                    self.examples.append(example)
+            if where in self.found:
+                return False
+            self.found.add(where)
+            if len(self.examples) < MAX_EXAMPLES:
+                self.examples.append(example)
+            return True
 
 
-class NothingUsable:
-    """Stops a shard in which a whole pass yields no usable record: its dataset would end early on this
-    worker alone, and the other workers would wait for it in a collective."""
+class ShardGuard:
+    """Stops a shard none of whose rows is usable: its dataset would never yield a batch on this worker alone,
+    and the other workers would wait for it in a collective."""
 
     def __init__(self, bad: BadRecords, shard_rows: int):
-        self.bad_records, self.shard_rows, self.in_a_row = bad, shard_rows, 0
-
-    def good(self) -> None:
-        self.in_a_row = 0
+        self.bad_records, self.shard_rows = bad, shard_rows
+        self.found: set[str] = set()
 
     def bad(self, where: str, why: str) -> None:
         self.bad_records.bad(where, why)
-        self.in_a_row += 1
-        if self.in_a_row >= self.shard_rows:
+        self.found.add(where)
+        if len(self.found) >= self.shard_rows:
             error = DataError(
                 f"data: none of the {self.shard_rows} rows of a worker's shard is usable; last: {where}: {why}"
             )
@@ -71,9 +92,16 @@ class NothingUsable:
 
 
 def read_unit(
-    unit: Unit, image_column: str, label_column: str, class_index: dict[str, int], bad: NothingUsable
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Yields (decoded RGB image, class index) for the unit's usable rows."""
+    unit: Unit,
+    image_column: str,
+    label_column: str,
+    class_index: dict[str, int],
+    guard: ShardGuard,
+    fetches: int = 16,
+) -> Iterator[tuple[list[bytes], list[int], list[str]]]:
+    """Yields the unit's rows in chunks of (encoded images, class indices, where each record is): one Python
+    step per chunk, not per image. Rows whose image cannot be had (empty, missing, an unreadable object) are
+    reported to `guard` instead."""
     fs, path = storage.resolve(unit.file)
     table = pq.ParquetFile(path, filesystem=fs).read_row_group(unit.row_group, columns=[image_column, label_column])
     table = table.take(list(unit.rows))
@@ -85,14 +113,13 @@ def read_unit(
             storage.redact(uri or f"{unit.file} row group {unit.row_group} row {r}")
             for uri, r in zip(images, unit.rows, strict=True)
         ]
-        with ThreadPoolExecutor(FETCHES_PER_UNIT) as pool:
-            contents = pool.map(_fetch, images)
-            yield from _decoded(zip(places, contents, labels, strict=True), class_index, bad)
+        with ThreadPoolExecutor(fetches) as pool:
+            yield from _chunks(zip(places, pool.map(_fetch, images), labels, strict=True), class_index, guard)
     else:
         where = f"{storage.redact(unit.file)} row group {unit.row_group} row"
         places = [f"{where} {r}" for r in unit.rows]
         contents = ((data, None) for data in images)
-        yield from _decoded(zip(places, contents, labels, strict=True), class_index, bad)
+        yield from _chunks(zip(places, contents, labels, strict=True), class_index, guard)
 
 
 def _fetch(uri: str | None) -> tuple[bytes | None, str | None]:
@@ -104,21 +131,121 @@ def _fetch(uri: str | None) -> tuple[bytes | None, str | None]:
         return None, f"cannot read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def _decoded(rows, class_index: dict[str, int], bad: NothingUsable) -> Iterator[tuple[np.ndarray, int]]:
+def _chunks(rows, class_index: dict[str, int], guard: ShardGuard):
+    chunk: tuple[list, list, list] = ([], [], [])
     for where, (data, fetch_error), label in rows:
-        if fetch_error:
-            bad.bad(where, fetch_error)
+        if fetch_error or not data:
+            guard.bad(where, fetch_error or "empty image")
             continue
-        if not data:
-            bad.bad(where, "empty image")
-            continue
-        try:
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-            bad.bad(where, "not a decodable image (truncated or not JPEG/PNG/GIF/BMP)")
-            continue
-        bad.good()
-        yield image.numpy(), class_index[str(label)]
+        for column, value in zip(chunk, (data, class_index[str(label)], where), strict=True):
+            column.append(value)
+        if len(chunk[0]) == CHUNK:
+            yield chunk
+            chunk = ([], [], [])
+    if chunk[0]:
+        yield chunk
+
+
+def decode_image(data: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """Encoded bytes -> uint8 RGB at `image_size` (bilinear resize, rounded to whole pixel values).
+
+    A JPEG whose sides are both at least 2x, 4x or 8x the target's is decoded at 1/2, 1/4 or 1/8 scale in the
+    DCT domain first: a 1,024 px photo then costs about a 256 px decode. PNG, GIF and BMP decode at full size.
+    Grayscale, RGBA and palette images become RGB.
+    """
+    height, width = image_size
+
+    def jpeg() -> tf.Tensor:
+        shape = tf.io.extract_jpeg_shape(data)
+        fits = tf.minimum(shape[0] // height, shape[1] // width)  # how many times the target fits in the source
+        branch = tf.reduce_sum(tf.cast(fits >= JPEG_SCALES[1:], tf.int32))
+        decoders = [functools.partial(tf.io.decode_jpeg, data, channels=3, ratio=s) for s in JPEG_SCALES]
+        return tf.switch_case(branch, decoders)
+
+    def other() -> tf.Tensor:
+        return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+    image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    image = tf.image.resize(image, image_size)
+    image.set_shape((height, width, 3))
+    return tf.saturate_cast(tf.round(image), tf.uint8)
+
+
+class DecodeLedger:
+    """Names the records that tf.data's decode dropped.
+
+    tf.data has no per-image try: the decode is a parallel map whose failures are ignored, so a record that does
+    not decode is simply missing from its output. Every record carries (chunk, position), so a missing one shows
+    as a gap in that sequence; the ledger keeps each chunk in flight's places (registered once per chunk) to name
+    it. Python runs once per chunk and once per gap, never per good image.
+    """
+
+    IN_FLIGHT = 4096  # chunks remembered: far more than the pipeline holds between read and decode
+
+    def __init__(self, guard: ShardGuard):
+        self.guard = guard
+        self.places: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.error: Exception | None = None  # a reader's: raised past the decode's ignore_errors
+        self._lock = threading.Lock()
+
+    def register(self, chunk: np.int64, places: np.ndarray) -> np.int64:
+        with self._lock:
+            self.places[int(chunk)] = places
+            while len(self.places) > self.IN_FLIGHT:
+                self.places.popitem(last=False)
+        return np.int64(len(places))
+
+    def missing(self, chunk: np.int64, position: np.int64, up_to_chunk: np.int64, up_to_position: np.int64) -> bool:
+        """Reports every record from (chunk, position) up to, not including, (up_to_chunk, up_to_position)."""
+        chunk, position = int(chunk), int(position)
+        while (chunk, position) < (int(up_to_chunk), int(up_to_position)):
+            with self._lock:
+                places = self.places.get(chunk)
+            if places is None or position >= len(places):
+                chunk, position = chunk + 1, 0
+                continue
+            self.guard.bad(places[position].decode(), UNDECODABLE)
+            position += 1
+        if self.error is not None:
+            raise self.error
+        return True
+
+
+def _decoded(chunks: tf.data.Dataset, image_size: tuple[int, int], ledger: DecodeLedger, threads: int):
+    """Chunks of (encoded images, labels, places) -> (uint8 image, label) for every record that decodes.
+
+    A record with a negative label (the end of a pass, a reader's failure) always reaches the ledger.
+    """
+
+    def register(chunk: tf.Tensor, record: tuple[tf.Tensor, tf.Tensor, tf.Tensor]):
+        data, labels, places = record
+        size = tf.numpy_function(ledger.register, [chunk, places], tf.int64, stateful=True)
+        n = tf.shape(data, out_type=tf.int64)[0]
+        return tf.fill([n], chunk), tf.range(n), tf.fill([n], size), data, labels
+
+    def decode(chunk, position, size, data, label):
+        return chunk, position, size, decode_image(data, image_size), label
+
+    def find_gaps(expected, record):
+        chunk, position, size, image, label = record
+        gap = tf.logical_or(chunk != expected[0], position != expected[1])
+        reported = tf.cond(
+            tf.logical_or(gap, label < 0),
+            lambda: tf.numpy_function(ledger.missing, [expected[0], expected[1], chunk, position], tf.bool),
+            lambda: tf.constant(True),
+        )
+        ends_chunk = position + 1 >= size
+        following = (
+            tf.where(ends_chunk, chunk + 1, chunk),
+            tf.where(ends_chunk, tf.constant(0, tf.int64), position + 1),
+        )
+        with tf.control_dependencies([reported]):
+            return following, (tf.identity(image), label)
+
+    records = chunks.enumerate().map(register).prefetch(2).unbatch()  # Python (read, register) runs ahead
+    decoded = records.map(decode, num_parallel_calls=threads, deterministic=True).ignore_errors()
+    start = (tf.constant(0, tf.int64), tf.constant(0, tf.int64))
+    return decoded.scan(start, find_gaps)
 
 
 def augmentation(names: tuple[str, ...], image_size: tuple[int, int]):
@@ -153,6 +280,7 @@ def make_dataset(
     shuffle_buffer: int = 1024,
     seed: int = 0,
     augment: tuple[str, ...] = (),
+    parallelism: Parallelism | None = None,
 ) -> tf.data.Dataset:
     """The batches of one worker's shard.
 
@@ -160,36 +288,51 @@ def make_dataset(
     `steps_per_epoch` alone decides an epoch. Validation: exactly `num_rows` rows, the last batch possibly
     partial, the same on every worker (skipped records are made up for by reading on from the start).
     """
-    guard = NothingUsable(bad or BadRecords("skip"), shard_rows=sum(len(u.rows) for u in units))
+    parallel = parallelism or Parallelism.for_cpus(1)
+    guard = ShardGuard(bad or BadRecords("skip"), shard_rows=sum(len(u.rows) for u in units))
     class_index = {name: i for i, name in enumerate(classes)}
-    signature = (tf.TensorSpec((None, None, 3), tf.uint8), tf.TensorSpec((), tf.int32))
+    signature = (tf.TensorSpec((None,), tf.string), tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.string))
+
+    ledger = DecodeLedger(guard)
+    # A record that always decodes, to carry a signal through the decode: the end of a pass, a failure.
+    marker = tf.io.encode_jpeg(tf.zeros((8, 8, 3), tf.uint8)).numpy()
+
+    def read(i: int) -> Iterator[tuple[list[bytes], list[int], list[str]]]:
+        try:
+            yield from read_unit(units[i], image_column, label_column, class_index, guard, parallel.fetches)
+        except Exception as e:  # the decode's ignore_errors would drop it: the ledger raises it past there
+            ledger.error = e
+            yield [marker], [-2], ["(a read failed)"]
 
     def rows_of(i: tf.Tensor) -> tf.data.Dataset:
-        return tf.data.Dataset.from_generator(
-            lambda i: read_unit(units[i], image_column, label_column, class_index, guard),
-            output_signature=signature,
-            args=(i,),
-        )
-
-    def resize(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image = tf.image.resize(image, image_size)
-        image.set_shape((*image_size, 3))
-        return image, label
+        return tf.data.Dataset.from_generator(read, output_signature=signature, args=(i,))
 
     ids = tf.data.Dataset.range(len(units))
     if training:
         ids = ids.shuffle(len(units), seed=seed, reshuffle_each_iteration=True)
-    ds = ids.interleave(
-        rows_of, cycle_length=PARALLEL_UNITS, num_parallel_calls=PARALLEL_UNITS, deterministic=not training
-    ).repeat()  # pass after pass, each in a new unit order
-    ds = ds.map(resize, num_parallel_calls=tf.data.AUTOTUNE)
-    if training and augment:
-        augmenter = augmentation(augment, image_size)
-        ds = ds.map(lambda image, label: (augmenter(image), label), num_parallel_calls=tf.data.AUTOTUNE)
+    chunks = ids.interleave(
+        rows_of, cycle_length=parallel.row_groups, num_parallel_calls=parallel.row_groups, deterministic=not training
+    )
+    # A record that always decodes ends every pass, so the gaps of a pass are found within it, also when no
+    # record of the shard decodes (the guard then stops the run).
+    end_of_pass = tf.data.Dataset.from_tensors(([marker], [-1], ["(end of a pass)"]))
+    chunks = chunks.concatenate(end_of_pass).repeat()  # pass after pass, each in a new unit order
+    images = _decoded(chunks, image_size, ledger, parallel.decode).filter(lambda image, label: label >= 0)
     if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).batch(batch_size, drop_remainder=True)
+        images = images.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if augment:
+            augmenter = augmentation(augment, image_size)
+            images = images.map(
+                lambda image, label: (augmenter(tf.cast(image, tf.float32)), label),
+                num_parallel_calls=parallel.decode,
+            )
+        batches = images.batch(batch_size, drop_remainder=True)
     else:
-        ds = ds.take(num_rows).batch(batch_size)
+        batches = images.take(num_rows).batch(batch_size)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    # Its own threads: the inter-op pool is sized to the worker's CPUs for the model, 1 by default, and tf.data
+    # would run every map on it, one at a time.
+    options.threading.private_threadpool_size = parallel.decode + 1
+    options.autotune.cpu_budget = parallel.decode
+    return batches.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -64,9 +64,7 @@ def plan_dataset(
     classes = class_names(train.labels)
     labelled = _labelled_rows(train)
     if validation is None:
-        order = np.random.default_rng(seed).permutation(labelled)
-        num_val = max(1, round(len(labelled) * validation_split))
-        val_rows, train_rows = np.sort(order[:num_val]), np.sort(order[num_val:])
+        val_rows, train_rows = split_validation(train, labelled, validation_split, seed)
         val_split = shard_rows(train, val_rows, num_workers, "data.validation_split")
         left_out = train.left_out
     else:
@@ -80,6 +78,46 @@ def plan_dataset(
     if missing:
         raise DataError(f"data.validation_split: class {missing[0]!r} has no training rows left after the split")
     return DatasetPlan(classes, shard_rows(train, train_rows, num_workers, "data.train"), val_split, left_out)
+
+
+GROUP_SPLIT_TRIES = 8  # random choices of whole row groups tried before splitting single rows
+FRACTION_TOLERANCE = 0.1  # the validation rows of a whole-row-group split may miss the fraction by this much
+
+
+def split_validation(
+    index: ParquetIndex, labelled: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The validation and training rows (sorted global row numbers) of `fraction` of the labelled rows.
+
+    Whole row groups where that keeps the fraction and the class mix of a random draw of single rows: a
+    validation epoch then reads 10% of the row groups, not every row group for 10% of its rows. Otherwise
+    (few row groups, or each holding a few classes) a random draw of single rows.
+    """
+    rng = np.random.default_rng(seed)
+    target = max(1, round(len(labelled) * fraction))
+    group_of_row = np.repeat(np.arange(len(index.row_groups)), [g.num_rows for g in index.row_groups])
+    is_labelled = np.zeros(index.num_rows, bool)
+    is_labelled[labelled] = True
+    labels = np.array([str(v) for v in index.labels], dtype=object)
+    classes, class_of_row = np.unique(labels[labelled], return_inverse=True)
+    share = np.bincount(class_of_row, minlength=len(classes)) / len(labelled)
+    # The mean total-variation distance of a random draw of `target` rows from the class shares.
+    chance_distance = 0.5 * np.sum(np.sqrt(2 / np.pi * share * (1 - share) / target))
+    per_group = np.bincount(group_of_row[labelled], minlength=len(index.row_groups))
+    for _ in range(GROUP_SPLIT_TRIES):
+        order = rng.permutation(len(index.row_groups))
+        taken = np.cumsum(per_group[order])
+        count = int(np.argmin(np.abs(taken - target))) + 1
+        if abs(taken[count - 1] - target) > FRACTION_TOLERANCE * target:
+            continue
+        in_validation = np.isin(group_of_row, order[:count]) & is_labelled
+        val_rows, train_rows = np.flatnonzero(in_validation), np.flatnonzero(~in_validation & is_labelled)
+        val_share = np.bincount(np.searchsorted(classes, labels[val_rows]), minlength=len(classes)) / len(val_rows)
+        keeps_classes = len(np.unique(labels[train_rows])) == len(classes)
+        if keeps_classes and 0.5 * np.abs(val_share - share).sum() <= 1.5 * chance_distance + 0.01:
+            return val_rows, train_rows
+    order = rng.permutation(labelled)
+    return np.sort(order[:target]), np.sort(order[target:])
 
 
 def _labelled_rows(index: ParquetIndex) -> np.ndarray:
