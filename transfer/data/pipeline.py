@@ -180,7 +180,7 @@ class DecodeLedger:
     it. Python runs once per chunk and once per gap, never per good image.
     """
 
-    IN_FLIGHT = 4096  # chunks remembered: far more than the pipeline holds between read and decode
+    IN_FLIGHT = 512  # chunks remembered: far more than the pipeline holds between read and decode
 
     def __init__(self, guard: ShardGuard):
         self.guard = guard
@@ -332,7 +332,7 @@ def make_dataset(
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     # Its own threads: the inter-op pool is sized to the worker's CPUs for the model, 1 by default, and tf.data
-    # would run every map on it, one at a time.
-    options.threading.private_threadpool_size = parallel.decode + 1
-    options.autotune.cpu_budget = parallel.decode
+    # would run every map on it, one at a time. The readers (Python, mostly waiting on I/O) and the ledger need
+    # threads of their own besides the decoding ones: a pool of just the decode threads halved the throughput.
+    options.threading.private_threadpool_size = parallel.decode + parallel.row_groups + 2
     return batches.with_options(options).prefetch(tf.data.AUTOTUNE)
