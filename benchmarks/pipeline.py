@@ -27,11 +27,9 @@ import multiprocessing
 import os
 import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from importlib import metadata
@@ -45,6 +43,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Appended, not prepended: a scratch copy of `transfer` on PYTHONPATH (a pipeline.py under test) wins.
 if REPO not in sys.path:
     sys.path.append(REPO)
+
+from benchmarks.cached import made_once  # noqa: E402  (after the repo is on the path)
 
 CONTENDERS = ("plain_full", "plain_reduced", "pipeline")
 TARGET = (224, 224)
@@ -129,24 +129,11 @@ def dataset_for(cache: str, size: int, images: int, aspect: str, row_group: int)
     """The Parquet dataset of one source size, made once and cached; returns where it is and what it holds."""
     height, width = source_shape(size, aspect)
     name = f"{DATA_VERSION}-{height}x{width}-n{images}-rg{row_group}"
-    directory = os.path.join(cache, name)
-    info_path = os.path.join(directory, "info.json")
-    if not os.path.exists(info_path):
-        print(f"making {images} JPEGs of {width}x{height} in {directory} (once)", flush=True)
-        os.makedirs(cache, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".staging-", dir=cache)  # renamed into place: no half-made cache
-        try:
-            _write_dataset(staging, height, width, images, row_group, seed=size)
-            shutil.rmtree(directory, ignore_errors=True)
-            os.rename(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    with open(info_path) as f:
-        return {**json.load(f), "path": os.path.join(directory, "data")}
+    return made_once(cache, name, lambda folder: _write_dataset(folder, height, width, images, row_group, seed=size))
 
 
-def _write_dataset(directory: str, height: int, width: int, images: int, row_group: int, seed: int) -> None:
-    """Two Parquet files (image bytes, string label) in data/, row groups of `row_group` rows; info.json."""
+def _write_dataset(directory: str, height: int, width: int, images: int, row_group: int, seed: int) -> dict:
+    """Two Parquet files (image bytes, string label) in data/, row groups of `row_group` rows; what they hold."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -175,8 +162,7 @@ def _write_dataset(directory: str, height: int, width: int, images: int, row_gro
         "bytes_per_pixel": total / (images * height * width),
         "reduced_ratio": reduced_ratio(height, width),
     }
-    with open(os.path.join(directory, "info.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    return info
 
 
 def _encode_chunk(height: int, width: int, count: int, seed: tuple[int, int]) -> list[bytes]:

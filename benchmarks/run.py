@@ -25,7 +25,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from benchmarks.cached import made_once  # noqa: E402  (after the repo is on the path)
 
 BACKBONE, IMAGE_SIZE, BATCH, HEAD_EPOCHS, FINETUNE_EPOCHS, UNFREEZE = "mobilenet_v2", 96, 32, 10, 2, 20
 T0 = time.time()  # this process's start, near enough
@@ -375,23 +376,8 @@ def main() -> None:
 
 def dataset_for(cache: str, images: int, source_size: int) -> dict:
     """The Parquet dataset of `images` JPEGs at `source_size` px, made once and cached; where it is, what it holds."""
-    directory = os.path.join(cache, f"{DATA_VERSION}-n{images}-{source_size}px")
-    info_path = os.path.join(directory, "info.json")
-    if not os.path.exists(info_path):
-        print(f"making {images} JPEGs of {source_size} px in {directory} (once)", flush=True)
-        os.makedirs(cache, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".staging-", dir=cache)  # renamed into place: no half-made cache
-        try:
-            start = time.time()
-            info = write_dataset(os.path.join(staging, "data"), images, source_size)
-            with open(os.path.join(staging, "info.json"), "w") as f:
-                json.dump({**info, "made_in_s": time.time() - start}, f)
-            shutil.rmtree(directory, ignore_errors=True)
-            os.rename(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    with open(info_path) as f:
-        return {**json.load(f), "path": os.path.join(directory, "data")}
+    name = f"{DATA_VERSION}-n{images}-{source_size}px"
+    return made_once(cache, name, lambda folder: write_dataset(os.path.join(folder, "data"), images, source_size))
 
 
 def write_dataset(directory: str, images: int, source_size: int, seed: int = 0) -> dict:

@@ -98,9 +98,10 @@ def split_validation(
     group_of_row = np.repeat(np.arange(len(index.row_groups)), [g.num_rows for g in index.row_groups])
     is_labelled = np.zeros(index.num_rows, bool)
     is_labelled[labelled] = True
-    labels = np.array([str(v) for v in index.labels], dtype=object)
-    classes, class_of_row = np.unique(labels[labelled], return_inverse=True)
-    share = np.bincount(class_of_row, minlength=len(classes)) / len(labelled)
+    classes, class_of_labelled = np.unique([str(index.labels[i]) for i in labelled], return_inverse=True)
+    class_of_row = np.full(index.num_rows, -1)
+    class_of_row[labelled] = class_of_labelled
+    share = np.bincount(class_of_labelled, minlength=len(classes)) / len(labelled)
     # The mean total-variation distance of a random draw of `target` rows from the class shares.
     chance_distance = 0.5 * np.sum(np.sqrt(2 / np.pi * share * (1 - share) / target))
     per_group = np.bincount(group_of_row[labelled], minlength=len(index.row_groups))
@@ -112,8 +113,8 @@ def split_validation(
             continue
         in_validation = np.isin(group_of_row, order[:count]) & is_labelled
         val_rows, train_rows = np.flatnonzero(in_validation), np.flatnonzero(~in_validation & is_labelled)
-        val_share = np.bincount(np.searchsorted(classes, labels[val_rows]), minlength=len(classes)) / len(val_rows)
-        keeps_classes = len(np.unique(labels[train_rows])) == len(classes)
+        val_share = np.bincount(class_of_row[val_rows], minlength=len(classes)) / len(val_rows)
+        keeps_classes = len(np.unique(class_of_row[train_rows])) == len(classes)
         if keeps_classes and 0.5 * np.abs(val_share - share).sum() <= 1.5 * chance_distance + 0.01:
             return val_rows, train_rows
     order = rng.permutation(labelled)

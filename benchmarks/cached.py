@@ -1,0 +1,33 @@
+"""Benchmark data made once per machine: written in a staging folder, then renamed into place, so an interrupted
+run leaves no half-made cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+
+
+def made_once(cache: str, name: str, make: Callable[[str], dict]) -> dict:
+    """`<cache>/<name>/`: `make(folder)` writes the data into `folder/data/` and returns what it holds, kept as
+    `info.json` beside it. Returns that description, with `path` (the data folder) and `made_in_s`."""
+    directory = os.path.join(cache, name)
+    info_path = os.path.join(directory, "info.json")
+    if not os.path.exists(info_path):
+        print(f"making {name} in {directory} (once)", flush=True)
+        os.makedirs(cache, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=cache)
+        try:
+            start = time.time()
+            info = make(staging)
+            with open(os.path.join(staging, "info.json"), "w") as f:
+                json.dump({**info, "made_in_s": time.time() - start}, f, indent=1)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.rename(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    with open(info_path) as f:
+        return {**json.load(f), "path": os.path.join(directory, "data")}
