@@ -109,5 +109,10 @@ def class_names(labels: list) -> list[str]:
     return [str(v) for v in sorted({v for v in labels if v is not None})]
 
 
+def image_cells(column: pa.Array | pa.ChunkedArray, file: str) -> list[bytes | str | None]:
+    """Per row: the encoded image bytes, or the URI of an image object, or None."""
+    return column.to_pylist()
+
+
 def first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

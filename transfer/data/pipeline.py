@@ -10,7 +10,9 @@ run naming the first one (fail).
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from transfer import storage
+from transfer.data import parquet
 from transfer.data.parquet import MAX_EXAMPLES
 from transfer.data.plan import Unit
 from transfer.errors import DataError
@@ -29,6 +32,10 @@ from transfer.errors import DataError
 UNDECODABLE = "not a decodable image (truncated or not JPEG/PNG/GIF/BMP)"
 JPEG_SCALES = (1, 2, 4, 8)  # the scales libjpeg decodes at in the DCT domain
 CHUNK = 64  # records handed from Python to tf.data at once
+SLICE_ROWS = 16  # rows a row group is streamed in; an open row group holds two slices
+READ_BUFFER = 1 << 20  # bytes per read of a column chunk
+ROW_GROUPS_OPEN = 32  # per worker, by default: about a class each on class-sorted data of many classes
+FETCHES = 64  # image objects in flight per worker, by default
 
 
 @dataclass(frozen=True)
@@ -36,14 +43,14 @@ class Parallelism:
     """How much one worker's pipeline does at once: by default, from the CPUs the worker was given."""
 
     decode: int  # images decoded and resized at once (tf.data threads)
-    row_groups: int  # row groups read at once; more mixes more of the shard into each batch
-    fetches: int  # image objects in flight per row group
+    row_groups: int  # row groups open at once, their records interleaved one by one into every chunk
+    fetches: int  # image objects in flight per worker (URI columns)
 
     @classmethod
     def for_cpus(
-        cls, cpus: int, decode: int | None = None, row_groups: int | None = None, fetches: int = 16
+        cls, cpus: int, decode: int | None = None, row_groups: int | None = None, fetches: int | None = None
     ) -> Parallelism:
-        return cls(decode or cpus, row_groups or max(4, 2 * cpus), fetches)
+        return cls(decode or cpus, row_groups or ROW_GROUPS_OPEN, fetches or FETCHES)
 
 
 class BadRecords:
@@ -91,58 +98,108 @@ class ShardGuard:
             raise error
 
 
-def read_unit(
-    unit: Unit,
-    image_column: str,
-    label_column: str,
-    class_index: dict[str, int],
-    guard: ShardGuard,
-    fetches: int = 16,
-) -> Iterator[tuple[list[bytes], list[int], list[str]]]:
-    """Yields the unit's rows in chunks of (encoded images, class indices, where each record is): one Python
-    step per chunk, not per image. Rows whose image cannot be had (empty, missing, an unreadable object) are
-    reported to `guard` instead."""
-    fs, path = storage.resolve(unit.file)
-    table = pq.ParquetFile(path, filesystem=fs).read_row_group(unit.row_group, columns=[image_column, label_column])
-    table = table.take(list(unit.rows))
-    images = table.column(image_column).to_pylist()
-    labels = table.column(label_column).to_pylist()
-    holds_uris = bool(images) and isinstance(next((i for i in images if i is not None), b""), str)
-    if holds_uris:
-        places = [
-            storage.redact(uri or f"{unit.file} row group {unit.row_group} row {r}")
-            for uri, r in zip(images, unit.rows, strict=True)
-        ]
-        with ThreadPoolExecutor(fetches) as pool:
-            yield from _chunks(zip(places, pool.map(_fetch, images), labels, strict=True), class_index, guard)
-    else:
+Record = tuple[bytes, int, str]  # encoded image, class index, where the record is
+
+
+class UnitReader:
+    """Streams units' usable records a slice of rows at a time, so a worker's memory follows the slice, not the
+    row group: pyarrow reads a column chunk in READ_BUFFER pieces instead of whole. Rows whose image cannot be
+    had (empty, missing, an object that cannot be read) go to the guard instead."""
+
+    def __init__(
+        self,
+        image_column: str,
+        label_column: str,
+        class_index: dict[str, int],
+        guard: ShardGuard,
+        fetches: ThreadPoolExecutor,
+    ):
+        self.columns = [image_column, label_column]
+        self.class_index, self.guard, self.fetches = class_index, guard, fetches
+
+    def slices(self, unit: Unit) -> Iterator[list[Record]]:
+        fs, path = storage.resolve(unit.file)
+        file = pq.ParquetFile(path, filesystem=fs, pre_buffer=False, buffer_size=READ_BUFFER)
+        batches = file.iter_batches(SLICE_ROWS, row_groups=[unit.row_group], columns=self.columns, use_threads=False)
         where = f"{storage.redact(unit.file)} row group {unit.row_group} row"
-        places = [f"{where} {r}" for r in unit.rows]
-        contents = ((data, None) for data in images)
-        yield from _chunks(zip(places, contents, labels, strict=True), class_index, guard)
+        wanted, first, taken = unit.rows, 0, 0  # unit.rows are sorted positions in the row group
+        for batch in batches:
+            end = first + batch.num_rows
+            stop = bisect.bisect_left(wanted, end, lo=taken)
+            rows, taken = wanted[taken:stop], stop
+            if len(rows) < batch.num_rows:
+                batch = batch.take([r - first for r in rows])
+            first = end
+            if rows:
+                yield self._records(batch, unit.file, [f"{where} {r}" for r in rows])
+            if taken == len(wanted):
+                return
+
+    def _records(self, batch, file: str, places: list[str]) -> list[Record]:
+        cells = parquet.image_cells(batch.column(self.columns[0]), file)
+        fetched = {i: self.fetches.submit(_fetch, c) for i, c in enumerate(cells) if isinstance(c, str)}
+        records = []
+        for i, (cell, label) in enumerate(zip(cells, batch.column(self.columns[1]).to_pylist(), strict=True)):
+            if i in fetched:
+                place = storage.redact(cell)
+                data, why = fetched[i].result()
+            else:
+                place, data, why = places[i], cell, None if cell else "empty image" if cell == b"" else "no image"
+            if why:
+                self.guard.bad(place, why)
+            else:
+                records.append((data, self.class_index[str(label)], place))
+        return records
 
 
-def _fetch(uri: str | None) -> tuple[bytes | None, str | None]:
-    if uri is None:
-        return None, "no image URI"
+def _fetch(uri: str) -> tuple[bytes | None, str | None]:
     try:
-        return storage.read_object(uri), None
+        data = storage.read_object(uri)
     except Exception as e:  # any failure to fetch one object makes one bad record, whatever the store
         return None, f"cannot read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return (data, None) if data else (None, "empty image")
 
 
-def _chunks(rows, class_index: dict[str, int], guard: ShardGuard):
-    chunk: tuple[list, list, list] = ([], [], [])
-    for where, (data, fetch_error), label in rows:
-        if fetch_error or not data:
-            guard.bad(where, fetch_error or "empty image")
+def interleaved(
+    units: Iterator[Unit], reader: UnitReader, open_at_once: int, pool: ThreadPoolExecutor
+) -> Iterator[list[Record]]:
+    """The records of `units` in chunks of CHUNK, taken one by one from `open_at_once` units in turn.
+
+    Class-sorted data (a class per file or row group) then still gives chunks of many classes. Each open unit
+    reads its next slice ahead in `pool`; the order of the records does not depend on the threads' timing.
+    """
+    units = iter(units)
+    open_: list[list] = []  # [slices, next slice (a future), the current slice, position in it]
+
+    def start(unit: Unit) -> None:
+        slices = reader.slices(unit)
+        open_.append([slices, pool.submit(next, slices, None), [], 0])
+
+    for unit in itertools.islice(units, open_at_once):
+        start(unit)
+    chunk: list[Record] = []
+    turn = 0
+    while open_:
+        turn %= len(open_)
+        stream = open_[turn]
+        while stream[3] >= len(stream[2]):  # the current slice is used up (or was empty)
+            current = stream[1].result()
+            if current is None:
+                break
+            stream[1], stream[2], stream[3] = pool.submit(next, stream[0], None), current, 0
+        else:
+            chunk.append(stream[2][stream[3]])
+            stream[3] += 1
+            turn += 1
+            if len(chunk) == CHUNK:
+                yield chunk
+                chunk = []
             continue
-        for column, value in zip(chunk, (data, class_index[str(label)], where), strict=True):
-            column.append(value)
-        if len(chunk[0]) == CHUNK:
-            yield chunk
-            chunk = ([], [], [])
-    if chunk[0]:
+        del open_[turn]  # this unit is read: the next takes its place in the turn
+        unit = next(units, None)
+        if unit is not None:
+            start(unit)
+    if chunk:
         yield chunk
 
 
@@ -297,26 +354,27 @@ def make_dataset(
     # A record that always decodes, to carry a signal through the decode: the end of a pass, a failure.
     marker = tf.io.encode_jpeg(tf.zeros((8, 8, 3), tf.uint8)).numpy()
 
-    def read(i: int) -> Iterator[tuple[list[bytes], list[int], list[str]]]:
+    def passes() -> Iterator[tuple[list[bytes], list[int], list[str]]]:
+        """Pass after pass over the units, each in a new order when training, each ended by a marker record,
+        so the gaps of a pass are found within it, also when no record of the shard decodes (the guard then
+        stops the run)."""
+        order = np.random.default_rng(seed)
+        reads, fetches = ThreadPoolExecutor(parallel.row_groups), ThreadPoolExecutor(parallel.fetches)
+        reader = UnitReader(image_column, label_column, class_index, guard, fetches)
         try:
-            yield from read_unit(units[i], image_column, label_column, class_index, guard, parallel.fetches)
+            while True:
+                ids = order.permutation(len(units)) if training else range(len(units))
+                for chunk in interleaved((units[i] for i in ids), reader, parallel.row_groups, reads):
+                    yield tuple(map(list, zip(*chunk, strict=True)))
+                yield [marker], [-1], ["(end of a pass)"]
         except Exception as e:  # the decode's ignore_errors would drop it: the ledger raises it past there
             ledger.error = e
             yield [marker], [-2], ["(a read failed)"]
+        finally:
+            reads.shutdown(wait=False, cancel_futures=True)
+            fetches.shutdown(wait=False, cancel_futures=True)
 
-    def rows_of(i: tf.Tensor) -> tf.data.Dataset:
-        return tf.data.Dataset.from_generator(read, output_signature=signature, args=(i,))
-
-    ids = tf.data.Dataset.range(len(units))
-    if training:
-        ids = ids.shuffle(len(units), seed=seed, reshuffle_each_iteration=True)
-    chunks = ids.interleave(
-        rows_of, cycle_length=parallel.row_groups, num_parallel_calls=parallel.row_groups, deterministic=not training
-    )
-    # A record that always decodes ends every pass, so the gaps of a pass are found within it, also when no
-    # record of the shard decodes (the guard then stops the run).
-    end_of_pass = tf.data.Dataset.from_tensors(([marker], [-1], ["(end of a pass)"]))
-    chunks = chunks.concatenate(end_of_pass).repeat()  # pass after pass, each in a new unit order
+    chunks = tf.data.Dataset.from_generator(passes, output_signature=signature)
     images = _decoded(chunks, image_size, ledger, parallel.decode).filter(lambda image, label: label >= 0)
     if training:
         images = images.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)

@@ -2,7 +2,8 @@
 
 Under MultiWorkerMirroredStrategy one extra batch on one worker crashes the job, so the driver gives every worker
 the same number of rows (the remainder, fewer than num_workers rows, is left out) and the same step counts.
-Rows are handed out in storage order, so a worker reads few row groups, each one mostly whole.
+Rows are handed out row group by row group in a seeded random order of the row groups, so a worker reads whole
+row groups from all over the dataset.
 """
 
 from __future__ import annotations
@@ -65,19 +66,19 @@ def plan_dataset(
     labelled = _labelled_rows(train)
     if validation is None:
         val_rows, train_rows = split_validation(train, labelled, validation_split, seed)
-        val_split = shard_rows(train, val_rows, num_workers, "data.validation_split")
+        val_split = shard_rows(train, val_rows, num_workers, "data.validation_split", seed)
         left_out = train.left_out
     else:
         unknown = sorted({str(v) for v in validation.labels if v is not None} - set(classes))
         if unknown:
             raise DataError(f"data.validation: label {unknown[0]!r} does not occur in data.train")
         train_rows = labelled
-        val_split = shard_rows(validation, _labelled_rows(validation), num_workers, "data.validation")
+        val_split = shard_rows(validation, _labelled_rows(validation), num_workers, "data.validation", seed)
         left_out = train.left_out + validation.left_out
     missing = sorted(set(classes) - {str(train.labels[i]) for i in train_rows})
     if missing:
         raise DataError(f"data.validation_split: class {missing[0]!r} has no training rows left after the split")
-    return DatasetPlan(classes, shard_rows(train, train_rows, num_workers, "data.train"), val_split, left_out)
+    return DatasetPlan(classes, shard_rows(train, train_rows, num_workers, "data.train", seed), val_split, left_out)
 
 
 GROUP_SPLIT_TRIES = 8  # random choices of whole row groups tried before splitting single rows
@@ -125,20 +126,29 @@ def _labelled_rows(index: ParquetIndex) -> np.ndarray:
     return np.flatnonzero([label is not None for label in index.labels])
 
 
-def shard_rows(index: ParquetIndex, rows: np.ndarray, num_workers: int, key: str) -> Split:
-    """Gives each worker an equal, contiguous run of `rows` (sorted global row numbers) as row-group units."""
+def shard_rows(index: ParquetIndex, rows: np.ndarray, num_workers: int, key: str, seed: int = 0) -> Split:
+    """Gives each worker an equal, contiguous run of `rows` (global row numbers) taken in a seeded random order
+    of the row groups, as row-group units.
+
+    A worker reads whole row groups (but for the two at the ends of its run), drawn from all over the dataset:
+    on data written a class at a time (a file or row group per class) each worker still gets many classes.
+    """
     per_worker = len(rows) // num_workers
     if per_worker == 0:
         raise DataError(f"{key}: {len(rows)} rows cannot be shared by {num_workers} workers")
     starts = np.cumsum([0] + [g.num_rows for g in index.row_groups])
+    group_of_row = np.searchsorted(starts, rows, side="right") - 1
+    rank_of_group = np.random.default_rng(seed).permutation(len(index.row_groups))
+    order = np.lexsort((rows, rank_of_group[group_of_row]))
+    rows, group_of_row = rows[order], group_of_row[order]
     shards = []
     for w in range(num_workers):
-        worker_rows = rows[w * per_worker : (w + 1) * per_worker]
-        group_of_row = np.searchsorted(starts, worker_rows, side="right") - 1
+        run = slice(w * per_worker, (w + 1) * per_worker)
+        worker_rows, worker_groups = rows[run], group_of_row[run]
         units = []
-        for g in np.unique(group_of_row):
+        for g in worker_groups[np.sort(np.unique(worker_groups, return_index=True)[1])]:  # in the run's order
             group = index.row_groups[g]
-            local = worker_rows[group_of_row == g] - starts[g]
+            local = worker_rows[worker_groups == g] - starts[g]
             units.append(Unit(group.file, group.index, tuple(int(r) for r in local)))
         shards.append(units)
     return Split(shards, per_worker)
