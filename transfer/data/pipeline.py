@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from transfer import storage
-from transfer.data.parquet import MAX_EXAMPLES
+from transfer.data.parquet import MAX_EXAMPLES, image_cells
 from transfer.data.plan import Unit
 from transfer.errors import DataError
 
@@ -101,16 +101,16 @@ def read_unit(
 ) -> Iterator[tuple[list[bytes], list[int], list[str]]]:
     """Yields the unit's rows in chunks of (encoded images, class indices, where each record is): one Python
     step per chunk, not per image. Rows whose image cannot be had (empty, missing, an unreadable object) are
-    reported to `guard` instead."""
+    reported to `guard` instead. A column may hold bytes in some rows and URIs in others (a Hugging Face Image)."""
     fs, path = storage.resolve(unit.file)
     table = pq.ParquetFile(path, filesystem=fs).read_row_group(unit.row_group, columns=[image_column, label_column])
     table = table.take(list(unit.rows))
-    images = table.column(image_column).to_pylist()
+    images = image_cells(table.column(image_column), unit.file)
     labels = table.column(label_column).to_pylist()
-    holds_uris = bool(images) and isinstance(next((i for i in images if i is not None), b""), str)
+    holds_uris = any(isinstance(image, str) for image in images)
     if holds_uris:
         places = [
-            storage.redact(uri or f"{unit.file} row group {unit.row_group} row {r}")
+            storage.redact(uri if isinstance(uri, str) and uri else f"{unit.file} row group {unit.row_group} row {r}")
             for uri, r in zip(images, unit.rows, strict=True)
         ]
         with ThreadPoolExecutor(fetches) as pool:
@@ -122,9 +122,11 @@ def read_unit(
         yield from _chunks(zip(places, contents, labels, strict=True), class_index, guard)
 
 
-def _fetch(uri: str | None) -> tuple[bytes | None, str | None]:
+def _fetch(uri: str | bytes | None) -> tuple[bytes | None, str | None]:
     if uri is None:
         return None, "no image URI"
+    if isinstance(uri, bytes):  # a row of a mixed column that holds its image
+        return uri, None
     try:
         return storage.read_object(uri), None
     except Exception as e:  # any failure to fetch one object makes one bad record, whatever the store
