@@ -1,6 +1,7 @@
 """Labels and image columns as datasets hold them: Hugging Face `datasets` Parquet (Image structs, ClassLabel names,
 -1 for no label), integer labels in Parquet and CSV manifests, and labels of different types in different files."""
 
+import json
 import os
 
 import numpy as np
@@ -9,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from tests.conftest import write_hf_parquet
-from transfer.data import parquet
+from tests.conftest import run_cli, write_config, write_hf_parquet
+from transfer.data import images, parquet
 from transfer.data.parquet import image_cells
 from transfer.data.pipeline import make_dataset
 from transfer.data.plan import plan_dataset
@@ -165,3 +166,64 @@ def test_labels_of_different_types_in_different_files_stop_naming_both(tmp_path)
     class_labels = write_hf_parquet(str(tmp_path / "hf" / "c.parquet"), [b"x"] * 2, [0, 1], ["1", "2"])
     with pytest.raises(DataError, match=f"data.validation: .*c.parquet: labels are ClassLabel, but int in {a}"):
         plan_dataset(train, parquet.scan(class_labels, "image", "label", "data.validation"), 0.0, 1, seed=0)
+
+
+def manifest_plan(tmp_path, csv: str, validation_csv: str | None = None):
+    """Plans a CSV manifest as the job does: written as a Parquet manifest, then scanned naming the CSV."""
+
+    def scan(text: str, name: str):
+        source = tmp_path / f"{name}.csv"
+        source.write_text(text)
+        target = images.write_manifest(str(source), "image", "label", f"data.{name}", str(tmp_path / f"{name}.pq"))
+        return parquet.scan(target, "image", "label", f"data.{name}", source=str(source))
+
+    validation = scan(validation_csv, "validation") if validation_csv else None
+    return plan_dataset(scan(csv, "train"), validation, 0.0, 1, seed=0)  # 1 row to validation without one
+
+
+def test_csv_manifest_labels_that_are_whole_numbers_are_ints_sorted_as_numbers(tmp_path):
+    plan = manifest_plan(tmp_path, "image,label\na.jpg,10\nb.jpg,2\nc.jpg,10\nd.jpg,2\ne.jpg,1\nf.jpg,1\n")
+    assert plan.classes == plan.label_keys == ["1", "2", "10"]
+    # Written otherwise than as a number, a label is text as written, sorted as text.
+    plan = manifest_plan(tmp_path, "image,label\na.jpg,007\nb.jpg,10\nc.jpg,007\nd.jpg,10\n")
+    assert plan.classes == ["007", "10"]
+
+
+def test_csv_manifest_empty_label_is_left_out_naming_the_csv_row(tmp_path):
+    plan = manifest_plan(tmp_path, "image,label\na.jpg,1\nb.jpg,\nc.jpg,2\nd.jpg,1\ne.jpg,2\n")
+    assert plan.left_out == [f"{tmp_path / 'train.csv'}: row 1: label is null"]
+
+
+def test_csv_manifests_with_int_and_text_labels_stop_naming_both_csvs(tmp_path):
+    with pytest.raises(DataError) as error:
+        manifest_plan(tmp_path, "image,label\na.jpg,1\nb.jpg,2\n", "image,label\nc.jpg,1\nd.jpg,two\n")
+    train, validation = tmp_path / "train.csv", tmp_path / "validation.csv"
+    assert str(error.value) == (
+        f"data.validation: {validation}: labels are string, but int in {train}: all files need one label type"
+    )
+
+
+@pytest.mark.integration
+def test_csv_manifest_with_integer_labels_trains_and_exports_them_in_numeric_order(assets, tmp_path):
+    """Images named by a CSV manifest with integer labels, on 2 workers: labels.json in numeric order, and the
+    model learns (each row reached its class)."""
+    ints = {"checker": 10, "cross": 2, "diamond": 1, "dots": 20, "ring": 3}  # string order would differ
+    table = pq.read_table(assets["train"])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    lines = ["path,label"]
+    for i, (image, label) in enumerate(zip(table["image"].to_pylist(), table["label"].to_pylist(), strict=True)):
+        (folder / f"{i:04d}.jpg").write_bytes(image)
+        lines.append(f"images/{i:04d}.jpg,{ints[label]}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    config = write_config(
+        tmp_path / "job.yaml", assets, storage=str(tmp_path / "runs"), name="ints",
+        data={"format": "images", "train": str(manifest), "image_column": "path"}, head={"epochs": 2},
+    )  # fmt: skip
+    result = run_cli(config, "--pass", "head")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["passes"]["head"]["final"]["val_accuracy"] >= 0.6  # 5 classes: chance is 0.2
+    labels = json.loads((tmp_path / "runs" / "ints" / "export" / "head" / "labels.json").read_text())
+    assert labels == ["1", "2", "3", "10", "20"]
