@@ -189,6 +189,16 @@ def test_csv_manifest_labels_that_are_whole_numbers_are_ints_sorted_as_numbers(t
     assert plan.classes == ["007", "10"]
 
 
+def test_class_folders_named_by_whole_numbers_are_int_labels(tmp_path):
+    for name in ("10", "2", "2", "10"):
+        folder = tmp_path / "images" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{len(list(folder.iterdir()))}.jpg").write_bytes(b"x")
+    target = images.write_manifest(str(tmp_path / "images"), "image", "label", "data.train", str(tmp_path / "m.pq"))
+    index = parquet.scan(target, "image", "label")
+    assert plan_dataset(index, index, 0.0, 1, seed=0).classes == ["2", "10"]
+
+
 def test_csv_manifest_empty_label_is_left_out_naming_the_csv_row(tmp_path):
     plan = manifest_plan(tmp_path, "image,label\na.jpg,1\nb.jpg,\nc.jpg,2\nd.jpg,1\ne.jpg,2\n")
     assert plan.left_out == [f"{tmp_path / 'train.csv'}: row 1: label is null"]

@@ -214,6 +214,17 @@ def test_validation_label_unknown_to_training(config, s3, s3_train, tmp_path):
     assert line == "error: data.validation: label 'zebra' does not occur in data.train"
 
 
+def test_labels_of_different_types_on_s3(config, s3, tmp_path):
+    for name, labels in (("a", [1, 2]), ("b", ["1", "2"])):
+        pq.write_table(pa.table({"image": [b"x"] * 2, "label": labels}), tmp_path / f"{name}.parquet")
+        upload(str(tmp_path / f"{name}.parquet"), f"{s3}/mixed/{name}.parquet")
+    line = data_error(config, f"data.train={s3}/mixed/")
+    assert line == (
+        f"error: data.train: {s3}/mixed/b.parquet: labels are string, but int in {s3}/mixed/a.parquet: "
+        "all files need one label type"
+    )
+
+
 def test_bucket_that_does_not_exist(config, s3):
     line = data_error(config, "data.train=s3://no-such-bucket/train/")
     assert line.startswith("error: data.train: s3://no-such-bucket/train/: cannot list:")

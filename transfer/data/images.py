@@ -55,7 +55,8 @@ def _list_folder(root: str, image_column: str, label_column: str, key: str) -> p
             raise DataError(
                 f"{key}: class {folder.base_name!r} ({storage.redact(root)}/{folder.base_name}/) has no images"
             )
-    return pa.table({image_column: pa.array(uris, pa.string()), label_column: pa.array(labels, pa.string())})
+    names = _whole_numbers_as_int(pa.chunked_array([pa.array(labels, pa.string())]))  # folders 2/ .. 10/ as numbers
+    return pa.table({image_column: pa.array(uris, pa.string()), label_column: names})
 
 
 def _read_manifest(location: str, image_column: str, label_column: str, key: str) -> pa.Table:
@@ -87,9 +88,9 @@ def _read_manifest(location: str, image_column: str, label_column: str, key: str
 
 
 def _whole_numbers_as_int(labels: pa.ChunkedArray) -> pa.ChunkedArray:
-    """A CSV's labels, read as text: int when every one is written as a whole number (so 2 sorts before 10),
-    else text as written: "007" stays "007", and no label becomes a date, a bool or a float as pyarrow's type
-    inference would make it."""
+    """Labels read as text (a CSV's, class folder names): int when every one is written as a whole number (so 2
+    sorts before 10), else text as written: "007" stays "007", and no label becomes a date, a bool or a float as
+    pyarrow's type inference would make it."""
     try:
         numbers = labels.cast(pa.int64())
     except pa.ArrowInvalid:
