@@ -39,7 +39,7 @@ class DatasetPlan:
     label_keys: list[str]  # in the same order, the str() of the raw label of each class, as the workers read it
     train: Split
     validation: Split
-    left_out: list[str] = field(default_factory=list)  # rows left out while planning (null labels), and why
+    left_out: list[str] = field(default_factory=list)  # rows left out while planning (no label), and why
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return self.train.rows_per_worker // batch_size
