@@ -11,6 +11,9 @@ import pytest
 # Every Ray the tests start (ray.init's local cluster, Cluster nodes, the CLI's and its workers') binds 127.0.0.1,
 # not this machine's network address: tests talk to loopback only. Set before Ray is imported anywhere.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Hugging Face `datasets` (used to write test data) must never reach for the network.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import transfer  # noqa: E402, F401  (selects tf-keras before TensorFlow loads)
 from tests.moto_s3 import start_moto_s3
@@ -118,3 +121,31 @@ def write_bad_parquet(path: str) -> dict[str, int]:
     labels = ["ring", "ring", "ring", None, "cross", "dots", "diamond"]
     pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": labels}), path, row_group_size=4)
     return {"unreadable": 3, "null_labels": 1, "good": 3}
+
+
+def write_hf_parquet(
+    path: str, images: list[bytes], labels: list[int], names: list[str], as_paths=(), rows_per_group: int = 50
+) -> str:
+    """A Parquet file written by Hugging Face `datasets` itself: an Image column and a ClassLabel column.
+
+    Each image is held as bytes, or, for the rows in `as_paths`, saved as a file beside the Parquet file and
+    named by a path relative to it (how `datasets` refers to images it did not embed). -1 labels mean no label.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    folder = os.path.dirname(path)
+    cells = []
+    for row, data in enumerate(images):
+        if row in as_paths:
+            relative = f"images/{row:04d}.jpg"
+            os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+            with open(os.path.join(folder, relative), "wb") as f:
+                f.write(data)
+            cells.append({"bytes": None, "path": relative})
+        else:
+            cells.append({"bytes": data, "path": None})
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    dataset = datasets.Dataset.from_dict({"image": cells, "label": labels}, features=features)
+    dataset.to_parquet(path, batch_size=rows_per_group)  # a batch per row group
+    return path

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from transfer.data.parquet import ParquetIndex, RowGroup, class_names
+from transfer.data.parquet import LabelType, ParquetIndex, RowGroup, class_names
 from transfer.data.plan import plan_dataset, shard_rows
 from transfer.errors import DataError
 
@@ -9,7 +9,7 @@ from transfer.errors import DataError
 def index(group_sizes: list[int], labels: list | None = None) -> ParquetIndex:
     groups = [RowGroup(f"f{i // 3}.parquet", i % 3, n) for i, n in enumerate(group_sizes)]
     total = sum(group_sizes)
-    return ParquetIndex("data/", groups, labels or [f"c{i % 4}" for i in range(total)])
+    return ParquetIndex("data/", groups, labels or [f"c{i % 4}" for i in range(total)], LabelType("string"))
 
 
 def rows_of(units) -> int:

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import run_cli, upload, write_bad_parquet, write_config
+from tests.conftest import run_cli, upload, write_bad_parquet, write_config, write_hf_parquet
 from transfer import storage
 from transfer.data import parquet
 from transfer.data.plan import plan_dataset
@@ -115,6 +115,43 @@ def test_bad_records_fail_stops_naming_the_record(s3, s3_train, assets, tmp_path
     assert "worker group restarted" not in result.stdout
 
 
+HF_NAMES = ["ring", "cross", "diamond", "checker", "dots"]  # ClassLabel order, not sorted
+
+
+def _write_hf_split(assets: dict[str, str], files: list[str], folder: str, no_label: int = 0) -> str:
+    """The assets' rows of `files` as a Parquet file written by `datasets`: a ClassLabel of HF_NAMES, every 8th
+    image saved beside the file and named by a relative path, the first `no_label` rows labelled -1."""
+    table = pq.read_table([os.path.join(assets["train"], f) for f in files])
+    labels = [HF_NAMES.index(name) for name in table["label"].to_pylist()]
+    labels[:no_label] = [-1] * no_label
+    os.makedirs(folder)
+    path = os.path.join(folder, "data.parquet")
+    return write_hf_parquet(path, table["image"].to_pylist(), labels, HF_NAMES, range(0, len(labels), 8))
+
+
+@pytest.mark.integration
+def test_hugging_face_parquet_on_s3_trains_with_its_class_names(s3, assets, tmp_path):
+    """Parquet written by `datasets` (Image bytes and paths, ClassLabel, -1 for no label) needs no configuration:
+    training data on S3, validation data local, both mapped to the same classes by their ClassLabel names."""
+    train = _write_hf_split(assets, ["part-000.parquet", "part-001.parquet"], str(tmp_path / "train"), no_label=3)
+    upload(os.path.dirname(train), f"{s3}/hf/train")  # the Parquet file and its images/ folder
+    validation = _write_hf_split(assets, ["part-002.parquet"], str(tmp_path / "validation"))
+    config = write_config(
+        tmp_path / "job.yaml", assets, storage=str(tmp_path / "runs"), name="hf",
+        data={"train": f"{s3}/hf/train/", "validation": validation}, head={"epochs": 2},
+    )  # fmt: skip
+    result = run_cli(config, "--pass", "head")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data: 3 rows left out, for example {s3}/hf/train/data.parquet: row 0: label is -1 (no label)" in (
+        result.stdout
+    )
+    export = tmp_path / "runs" / "hf" / "export" / "head"
+    assert json.loads((export / "labels.json").read_text()) == HF_NAMES
+    metrics = json.loads((export / "metrics.json").read_text())
+    assert metrics["bad_records"]["found_while_reading"] == 0  # every image read, from bytes or from its path
+    assert metrics["final"]["val_accuracy"] >= 0.6  # 5 classes: chance is 0.2
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=4)
@@ -175,6 +212,17 @@ def test_validation_label_unknown_to_training(config, s3, s3_train, tmp_path):
     storage.write_bytes(f"{s3}/val/part.parquet", _parquet_bytes(table))
     line = data_error(config, f"data.train={s3_train}", f"data.validation={s3}/val/")
     assert line == "error: data.validation: label 'zebra' does not occur in data.train"
+
+
+def test_labels_of_different_types_on_s3(config, s3, tmp_path):
+    for name, labels in (("a", [1, 2]), ("b", ["1", "2"])):
+        pq.write_table(pa.table({"image": [b"x"] * 2, "label": labels}), tmp_path / f"{name}.parquet")
+        upload(str(tmp_path / f"{name}.parquet"), f"{s3}/mixed/{name}.parquet")
+    line = data_error(config, f"data.train={s3}/mixed/")
+    assert line == (
+        f"error: data.train: {s3}/mixed/b.parquet: labels are string, but int in {s3}/mixed/a.parquet: "
+        "all files need one label type"
+    )
 
 
 def test_bucket_that_does_not_exist(config, s3):

@@ -81,7 +81,8 @@ def plan_data(cfg: Config) -> DatasetPlan:
         if d.format == "images":  # listed or read once, then planned and read as Parquet of image URIs
             name = key.split(".")[-1]
             target = storage.join(cfg.run_uri, "data", f"{name}.parquet")
-            location = images.write_manifest(location, d.image_column, d.label_column, key, target)
+            manifest = images.write_manifest(location, d.image_column, d.label_column, key, target)
+            return parquet.scan(manifest, d.image_column, d.label_column, key, d.bad_records, source=location)
         return parquet.scan(location, d.image_column, d.label_column, key, d.bad_records)
 
     train = scan(d.train, "data.train")

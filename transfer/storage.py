@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import glob as globlib
 import os
+import posixpath
 import re
 import tempfile
 import urllib.parse
@@ -77,6 +78,12 @@ def _s3_client():
 
 def join(location: str, *parts: str) -> str:
     return "/".join([location.rstrip("/"), *parts])
+
+
+def beside(file: str, path: str) -> str:
+    """Where a path written inside `file` (a manifest, a Parquet image column) points: a URI or an absolute path
+    as it is, a relative path relative to the file's folder, so the data can move with the files that name it."""
+    return path if is_uri(path) or path.startswith("/") else posixpath.join(posixpath.dirname(file), path)
 
 
 def exists(location: str) -> bool:

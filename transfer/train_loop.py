@@ -126,7 +126,7 @@ class ShardReader:
         return make_dataset(
             split.shards[rank],
             split.rows_per_worker,
-            self.spec.plan.classes,
+            self.spec.plan.label_keys,
             data.image_column,
             data.label_column,
             data.image_size,

@@ -7,9 +7,9 @@ Parquet dataset whose image column holds URIs, planned and read like any other.
 from __future__ import annotations
 
 import io
-import posixpath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -55,15 +55,19 @@ def _list_folder(root: str, image_column: str, label_column: str, key: str) -> p
             raise DataError(
                 f"{key}: class {folder.base_name!r} ({storage.redact(root)}/{folder.base_name}/) has no images"
             )
-    return pa.table({image_column: pa.array(uris, pa.string()), label_column: pa.array(labels, pa.string())})
+    names = _whole_numbers_as_int(pa.chunked_array([pa.array(labels, pa.string())]))  # folders 2/ .. 10/ as numbers
+    return pa.table({image_column: pa.array(uris, pa.string()), label_column: names})
 
 
 def _read_manifest(location: str, image_column: str, label_column: str, key: str) -> pa.Table:
     """A CSV or Parquet manifest; relative image paths are relative to the manifest's folder."""
+    is_csv = location.lower().endswith(".csv")
     try:
         data = storage.read_bytes(location)
-        if location.lower().endswith(".csv"):
-            table = pacsv.read_csv(io.BytesIO(data))
+        if is_csv:
+            text = {image_column: pa.string(), label_column: pa.string()}  # not left to type inference
+            options = pacsv.ConvertOptions(column_types=text, strings_can_be_null=True)  # an empty cell is null
+            table = pacsv.read_csv(io.BytesIO(data), convert_options=options)
         else:
             table = pq.read_table(io.BytesIO(data))
     except (OSError, pa.ArrowInvalid) as e:
@@ -74,12 +78,22 @@ def _read_manifest(location: str, image_column: str, label_column: str, key: str
                 f"{column_key}: {storage.redact(location)}: no column {column!r} "
                 f"(columns: {', '.join(table.column_names)})"
             )
-    base = posixpath.dirname(location)
-    uris = [
-        None if uri is None else uri if storage.is_uri(uri) or uri.startswith("/") else posixpath.join(base, uri)
-        for uri in table.column(image_column).to_pylist()
-    ]
+    uris = [None if uri is None else storage.beside(location, uri) for uri in table.column(image_column).to_pylist()]
     labels = table.column(label_column)
-    if not (pa.types.is_integer(labels.type) or pa.types.is_string(labels.type)):
+    if is_csv:
+        labels = _whole_numbers_as_int(labels)
+    elif not (pa.types.is_integer(labels.type) or pa.types.is_string(labels.type)):
         labels = labels.cast(pa.string())
     return pa.table({image_column: pa.array(uris, pa.string()), label_column: labels})
+
+
+def _whole_numbers_as_int(labels: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Labels read as text (a CSV's, class folder names): int when every one is written as a whole number (so 2
+    sorts before 10), else text as written: "007" stays "007", and no label becomes a date, a bool or a float as
+    pyarrow's type inference would make it."""
+    try:
+        numbers = labels.cast(pa.int64())
+    except pa.ArrowInvalid:
+        return labels
+    as_written = pc.all(pc.equal(numbers.cast(pa.string()), labels)).as_py() is not False
+    return numbers if as_written else labels

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from transfer.data.parquet import ParquetIndex, class_names
+from transfer.data.parquet import ParquetIndex, check_same_labels
 from transfer.errors import DataError
 
 
@@ -36,10 +36,11 @@ class Split:
 
 @dataclass(frozen=True)
 class DatasetPlan:
-    classes: list[str]
+    classes: list[str]  # the class names in output order, as labels.json holds them
+    label_keys: list[str]  # in the same order, the str() of the raw label of each class, as the workers read it
     train: Split
     validation: Split
-    left_out: list[str] = field(default_factory=list)  # rows left out while planning (null labels), and why
+    left_out: list[str] = field(default_factory=list)  # rows left out while planning (no label), and why
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return self.train.rows_per_worker // batch_size
@@ -61,24 +62,33 @@ def plan_dataset(
     num_workers: int,
     seed: int,
 ) -> DatasetPlan:
-    """Splits off validation rows (when no validation set is given) and shards both sets over the workers."""
-    classes = class_names(train.labels)
+    """Splits off validation rows (when no validation set is given) and shards both sets over the workers.
+
+    The classes are those of the training labels; a separate validation set must label its rows the same way
+    (the same label type, the same ClassLabel names), so that a raw label is one class in both.
+    """
+    keys = train.class_keys()
     labelled = _labelled_rows(train)
     if validation is None:
         val_rows, train_rows = split_validation(train, labelled, validation_split, seed)
         val_split = shard_rows(train, val_rows, num_workers, "data.validation_split", seed)
         left_out = train.left_out
     else:
-        unknown = sorted({str(v) for v in validation.labels if v is not None} - set(classes))
+        check_same_labels(train.label_type, validation.label_type, "data.validation")
+        unknown = sorted(set(validation.class_keys()) - set(keys))
         if unknown:
-            raise DataError(f"data.validation: label {unknown[0]!r} does not occur in data.train")
+            name = validation.class_name(unknown[0])
+            raise DataError(f"data.validation: label {name!r} does not occur in data.train")
         train_rows = labelled
         val_split = shard_rows(validation, _labelled_rows(validation), num_workers, "data.validation", seed)
         left_out = train.left_out + validation.left_out
-    missing = sorted(set(classes) - {str(train.labels[i]) for i in train_rows})
+    missing = sorted(set(keys) - {str(train.labels[i]) for i in train_rows})
     if missing:
-        raise DataError(f"data.validation_split: class {missing[0]!r} has no training rows left after the split")
-    return DatasetPlan(classes, shard_rows(train, train_rows, num_workers, "data.train", seed), val_split, left_out)
+        name = train.class_name(missing[0])
+        raise DataError(f"data.validation_split: class {name!r} has no training rows left after the split")
+    classes = [train.class_name(key) for key in keys]
+    train_split = shard_rows(train, train_rows, num_workers, "data.train", seed)
+    return DatasetPlan(classes, keys, train_split, val_split, left_out)
 
 
 GROUP_SPLIT_TRIES = 8  # random choices of whole row groups tried before splitting single rows
