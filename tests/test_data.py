@@ -185,3 +185,39 @@ def test_a_row_group_that_cannot_be_read_stops_the_pipeline_instead_of_being_ski
     ds = make_dataset(plan.train.shards[0], plan.train.rows_per_worker, plan.classes, "img", "cls", (32, 32), 4, True)
     with pytest.raises(tf.errors.OpError):
         list(ds.take(3))
+
+
+def class_sorted(tmp_path, classes: int, rows_per_class: int, row_group: int) -> str:
+    """A file per class, as data written a class at a time: tiny JPEGs, the label in the file name too."""
+    image = tf.io.encode_jpeg(np.zeros((8, 8, 3), np.uint8)).numpy()
+    for c in range(classes):
+        table = pa.table({"image": [image] * rows_per_class, "label": [f"c{c:02d}"] * rows_per_class})
+        pq.write_table(table, tmp_path / f"class{c:02d}.parquet", row_group_size=row_group)
+    return str(tmp_path)
+
+
+def test_batches_of_class_sorted_data_mix_classes_like_a_shuffle(tmp_path):
+    index = parquet.scan(class_sorted(tmp_path, classes=20, rows_per_class=40, row_group=40), "image", "label")
+    plan = plan_dataset(index, index, 0.0, 1, seed=0)
+    # A shuffle buffer far smaller than the shard, as on real data: the reader's interleave must do the mixing.
+    ds = make_dataset(
+        plan.train.shards[0], plan.train.rows_per_worker, plan.classes, "image", "label", (8, 8), 16, True,
+        shuffle_buffer=16,
+    )  # fmt: skip
+    distinct = [len(set(labels.numpy())) for _, labels in ds.take(50)]
+    iid = 20 * (1 - (19 / 20) ** 16)  # expected distinct classes in 16 draws from 20 equal classes: 11.2
+    assert np.mean(distinct) >= 0.9 * iid
+
+
+def test_a_worker_reads_just_its_rows_of_a_row_group_wherever_they_fall(tmp_path):
+    images = [tf.io.encode_jpeg(np.full((8, 8, 3), 5 * i, np.uint8)).numpy() for i in range(50)]
+    path = str(tmp_path / "one-group.parquet")
+    pq.write_table(pa.table({"image": images, "label": [str(i) for i in range(50)]}), path)  # one row group
+    rows = (0, 1, 2, 20, 21, 47, 49)  # slices with all, none and some of the unit's rows
+    index = parquet.scan(path, "image", "label")
+    plan = plan_dataset(index, index, 0.0, 1, seed=0)
+    unit = type(plan.train.shards[0][0])(path, 0, rows)
+    ds = make_dataset([unit], len(rows), plan.classes, "image", "label", (8, 8), 8, training=False)
+    (batch, labels), *rest = list(ds)
+    assert not rest and sorted(int(plan.classes[c]) for c in labels.numpy()) == list(rows)
+    assert [round(float(b.mean()) / 5) for b in batch.numpy()] == [int(plan.classes[c]) for c in labels.numpy()]

@@ -105,3 +105,14 @@ def test_validation_of_class_sorted_row_groups_is_drawn_row_by_row():
     plan = plan_dataset(data, None, 0.1, 2, seed=0)
     assert len(validation_groups(plan)) > 30  # rows from most groups, so every class is validated
     assert 2 * plan.validation.rows_per_worker == 300
+
+
+def test_each_worker_gets_row_groups_from_all_over_class_sorted_data():
+    # 40 files of one class each, 4 row groups apiece: a contiguous run would give each worker 10 classes.
+    groups = [RowGroup(f"class{f}.parquet", g, 25) for f in range(40) for g in range(4)]
+    labels = [f"c{f}" for f in range(40) for _ in range(100)]
+    data = ParquetIndex("data/", groups, labels, LabelType("string"))
+    split = shard_rows(data, np.arange(data.num_rows), 4, "data.train", seed=0)
+    for units in split.shards:
+        assert len({u.file for u in units}) >= 25
+        assert sum(len(u.rows) == 25 for u in units) >= len(units) - 2  # whole row groups, but at the run's ends

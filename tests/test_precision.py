@@ -172,32 +172,6 @@ print(json.dumps({"dtypes": dtypes, "output": str(scores.dtype), "sums": scores.
 """
 
 
-@pytest.mark.integration
-def test_finetune_export_computes_in_bfloat16(assets, tmp_path):
-    config = write_config(
-        tmp_path / "job.yaml",
-        assets,
-        storage=str(tmp_path / "runs"),
-        name="bf16",
-        head={"epochs": 1},
-        finetune={"epochs": 1},
-        scaling={"mixed_precision": "bfloat16"},
-    )
-    succeeded(run_cli(config, "--pass", "all"))
-
-    export = tmp_path / "runs" / "bf16" / "export" / "finetune"
-    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
-        [sys.executable, "-c", INSPECT, str(export)], capture_output=True, text=True, env=env, cwd=REPO
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])
-    assert outcome["dtypes"].pop(CLASSIFIER_LAYER) == "float32"
-    assert outcome["dtypes"] and set(outcome["dtypes"].values()) == {"bfloat16"}, outcome["dtypes"]
-    assert outcome["output"] == "float32"
-    np.testing.assert_allclose(outcome["sums"], 1.0, atol=1e-3)  # softmax scores
-
-
 def test_jit_compile_on_cpu_with_several_workers_is_a_config_error():
     from transfer.config import from_dict
     from transfer.errors import ConfigError
@@ -210,21 +184,34 @@ def test_jit_compile_on_cpu_with_several_workers_is_a_config_error():
 
 
 @pytest.mark.integration
-def test_jit_compile_trains_both_passes_and_exports_on_one_cpu_worker(assets, tmp_path):
-    # One worker: XLA has no collectives on CPU (b/194942685), and tf-keras compiles the whole train_step, the
-    # gradient all-reduce of MultiWorkerMirroredStrategy included; several CPU workers are refused (above).
+def test_jit_compiled_bfloat16_run_trains_both_passes_and_its_export_computes_in_bfloat16(assets, tmp_path):
+    # One run for both (CI time): XLA on one worker, since XLA has no collectives on CPU (b/194942685) and tf-keras
+    # compiles the whole train_step, the gradient all-reduce of MultiWorkerMirroredStrategy included; several CPU
+    # workers are refused (above). The policy reaches the fine-tuned model whatever the number of workers.
     config = write_config(
         tmp_path / "job.yaml",
         assets,
         storage=str(tmp_path / "runs"),
-        name="xla",
+        name="bf16",
         head={"epochs": 1},
         finetune={"epochs": 1},
-        scaling={"jit_compile": True, "num_workers": 1, "max_failures": 0},
+        scaling={"mixed_precision": "bfloat16", "jit_compile": True, "num_workers": 1, "max_failures": 0},
     )
     summary = succeeded(run_cli(config, "--pass", "all"))
     for pass_name in ("head", "finetune"):
         assert summary["passes"][pass_name]["status"] == "trained"
         assert summary["passes"][pass_name]["final"]["epoch"] == 1
         assert np.isfinite(summary["passes"][pass_name]["final"]["loss"])
-        assert (tmp_path / "runs" / "xla" / "export" / pass_name / "manifest.json").exists()
+        assert (tmp_path / "runs" / "bf16" / "export" / pass_name / "manifest.json").exists()
+
+    export = tmp_path / "runs" / "bf16" / "export" / "finetune"
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", INSPECT, str(export)], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["dtypes"].pop(CLASSIFIER_LAYER) == "float32"
+    assert outcome["dtypes"] and set(outcome["dtypes"].values()) == {"bfloat16"}, outcome["dtypes"]
+    assert outcome["output"] == "float32"
+    np.testing.assert_allclose(outcome["sums"], 1.0, atol=1e-3)  # softmax scores

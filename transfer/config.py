@@ -53,8 +53,8 @@ class Data:
     shuffle_buffer: int = 1024
     augment: tuple[str, ...] = ()  # any of flip, crop, rotation, contrast; training images only
     decode_threads: int | None = None  # images decoded at once per worker; default scaling.cpus_per_worker
-    row_groups_in_flight: int | None = None  # row groups read at once per worker; default max(4, 2 x CPUs)
-    fetches_in_flight: int = 16  # image objects requested at once per row group being read
+    row_groups_in_flight: int | None = None  # row groups open at once per worker, interleaved; default 32
+    fetches_in_flight: int | None = None  # image objects requested at once per worker; default 64
     validation_cache_mb: int = 2048  # per worker: decoded validation images kept in memory; beyond, on local disk
 
 
@@ -307,10 +307,9 @@ def _check_values(c: Config, source: str) -> None:
         fail("data.image_size", f"both sides must be >= 32, got {list(c.data.image_size)}")
     one_of("data.bad_records", c.data.bad_records, ("skip", "fail"))
     at_least("data.shuffle_buffer", c.data.shuffle_buffer, 1)
-    for key in ("decode_threads", "row_groups_in_flight"):
+    for key in ("decode_threads", "row_groups_in_flight", "fetches_in_flight"):
         if getattr(c.data, key) is not None:
             at_least(f"data.{key}", getattr(c.data, key), 1)
-    at_least("data.fetches_in_flight", c.data.fetches_in_flight, 1)
     at_least("data.validation_cache_mb", c.data.validation_cache_mb, 0)
     one_of("model.backbone", c.model.backbone, BACKBONES)
     if not c.model.weights:

@@ -15,7 +15,7 @@ import functools
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -127,11 +127,11 @@ class UnitReader:
             end = first + batch.num_rows
             stop = bisect.bisect_left(wanted, end, lo=taken)
             rows, taken = wanted[taken:stop], stop
-            if len(rows) < batch.num_rows:
-                batch = batch.take([r - first for r in rows])
-            first = end
             if rows:
+                if len(rows) < batch.num_rows:
+                    batch = batch.take(np.asarray(rows, np.int64) - first)
                 yield self._records(batch, unit.file, [f"{where} {r}" for r in rows])
+            first = end
             if taken == len(wanted):
                 return
 
@@ -160,45 +160,54 @@ def _fetch(uri: str) -> tuple[bytes | None, str | None]:
     return (data, None) if data else (None, "empty image")
 
 
+class OpenUnit:
+    """A unit being read: its current slice of records, and the next slice read ahead in a thread."""
+
+    def __init__(self, slices: Iterator[list[Record]], pool: ThreadPoolExecutor):
+        self.slices, self.pool = slices, pool
+        self.current: list[Record] = []
+        self.position = 0
+        self.ahead = pool.submit(next, slices, None)
+
+    def take(self) -> Record | None:
+        """The unit's next record; None when the unit is read."""
+        while self.position >= len(self.current):  # slices may be empty: every row of them bad
+            current = self.ahead.result()
+            if current is None:
+                return None
+            self.current, self.position = current, 0
+            self.ahead = self.pool.submit(next, self.slices, None)
+        self.position += 1
+        return self.current[self.position - 1]
+
+
 def interleaved(
-    units: Iterator[Unit], reader: UnitReader, open_at_once: int, pool: ThreadPoolExecutor
+    units: Iterable[Unit], reader: UnitReader, open_at_once: int, pool: ThreadPoolExecutor
 ) -> Iterator[list[Record]]:
     """The records of `units` in chunks of CHUNK, taken one by one from `open_at_once` units in turn.
 
-    Class-sorted data (a class per file or row group) then still gives chunks of many classes. Each open unit
-    reads its next slice ahead in `pool`; the order of the records does not depend on the threads' timing.
+    Class-sorted data (a class per file or row group) then still gives chunks of many classes. The order of the
+    records does not depend on the threads' timing.
     """
-    units = iter(units)
-    open_: list[list] = []  # [slices, next slice (a future), the current slice, position in it]
-
-    def start(unit: Unit) -> None:
-        slices = reader.slices(unit)
-        open_.append([slices, pool.submit(next, slices, None), [], 0])
-
-    for unit in itertools.islice(units, open_at_once):
-        start(unit)
+    waiting = iter(units)
+    open_units = [OpenUnit(reader.slices(unit), pool) for unit in itertools.islice(waiting, open_at_once)]
     chunk: list[Record] = []
     turn = 0
-    while open_:
-        turn %= len(open_)
-        stream = open_[turn]
-        while stream[3] >= len(stream[2]):  # the current slice is used up (or was empty)
-            current = stream[1].result()
-            if current is None:
-                break
-            stream[1], stream[2], stream[3] = pool.submit(next, stream[0], None), current, 0
-        else:
-            chunk.append(stream[2][stream[3]])
-            stream[3] += 1
-            turn += 1
-            if len(chunk) == CHUNK:
-                yield chunk
-                chunk = []
+    while open_units:
+        turn %= len(open_units)
+        record = open_units[turn].take()
+        if record is None:  # this unit is read: the next one waiting takes its turn
+            unit = next(waiting, None)
+            if unit is None:
+                del open_units[turn]
+            else:
+                open_units[turn] = OpenUnit(reader.slices(unit), pool)
             continue
-        del open_[turn]  # this unit is read: the next takes its place in the turn
-        unit = next(units, None)
-        if unit is not None:
-            start(unit)
+        chunk.append(record)
+        turn += 1
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
     if chunk:
         yield chunk
 
@@ -390,7 +399,7 @@ def make_dataset(
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     # Its own threads: the inter-op pool is sized to the worker's CPUs for the model, 1 by default, and tf.data
-    # would run every map on it, one at a time. The readers (Python, mostly waiting on I/O) and the ledger need
-    # threads of their own besides the decoding ones: a pool of just the decode threads halved the throughput.
-    options.threading.private_threadpool_size = parallel.decode + parallel.row_groups + 2
+    # would run every map on it, one at a time. The generator and the ledger (Python) need threads of their own
+    # besides the decoding ones; the readers are Python threads outside tf.data.
+    options.threading.private_threadpool_size = parallel.decode + 2
     return batches.with_options(options).prefetch(tf.data.AUTOTUNE)
