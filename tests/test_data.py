@@ -221,3 +221,25 @@ def test_a_worker_reads_just_its_rows_of_a_row_group_wherever_they_fall(tmp_path
     (batch, labels), *rest = list(ds)
     assert not rest and sorted(int(plan.classes[c]) for c in labels.numpy()) == list(rows)
     assert [round(float(b.mean()) / 5) for b in batch.numpy()] == [int(plan.classes[c]) for c in labels.numpy()]
+
+
+def test_the_row_groups_open_at_once_stay_within_the_read_buffer(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transfer.data.pipeline import Parallelism, ShardGuard, UnitReader, interleaved
+
+    index = parquet.scan(class_sorted(tmp_path, classes=6, rows_per_class=40, row_group=40), "image", "label")
+    plan = plan_dataset(index, index, 0.0, 1, seed=0)
+    units = plan.train.shards[0]
+    assert all(u.open_bytes > 0 for u in units)
+    with ThreadPoolExecutor(4) as pool:
+        reader = UnitReader(
+            "image", "label", {c: i for i, c in enumerate(plan.classes)}, ShardGuard(BadRecords("skip"), 240), pool
+        )
+
+        def classes_in_first_chunk(parallel: Parallelism) -> int:
+            return len({label for _, label, _ in next(interleaved(units, reader, parallel, pool))})
+
+        assert classes_in_first_chunk(Parallelism(1, 32, 4, open_bytes=10 << 20)) == 6
+        assert classes_in_first_chunk(Parallelism(1, 32, 4, open_bytes=1)) == 2  # two open at least
+        assert classes_in_first_chunk(Parallelism(1, 3, 4, open_bytes=10 << 20)) == 3

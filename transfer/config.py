@@ -55,6 +55,7 @@ class Data:
     decode_threads: int | None = None  # images decoded at once per worker; default scaling.cpus_per_worker
     row_groups_in_flight: int | None = None  # row groups open at once per worker, interleaved; default 32
     fetches_in_flight: int | None = None  # image objects requested at once per worker; default 64
+    read_buffer_mb: int = 256  # per worker: what the row groups open at once may hold (two open at least)
     validation_cache_mb: int = 2048  # per worker: decoded validation images kept in memory; beyond, on local disk
 
 
@@ -311,6 +312,7 @@ def _check_values(c: Config, source: str) -> None:
         if getattr(c.data, key) is not None:
             at_least(f"data.{key}", getattr(c.data, key), 1)
     at_least("data.validation_cache_mb", c.data.validation_cache_mb, 0)
+    at_least("data.read_buffer_mb", c.data.read_buffer_mb, 1)
     one_of("model.backbone", c.model.backbone, BACKBONES)
     if not c.model.weights:
         fail("model.weights", "must be imagenet, none, or a file path or URI")

@@ -118,7 +118,11 @@ class ShardReader:
         self.spec, self.bad = spec, bad
         data = spec.cfg.data
         self.parallelism = Parallelism.for_cpus(
-            spec.cfg.scaling.cpus_per_worker, data.decode_threads, data.row_groups_in_flight, data.fetches_in_flight
+            spec.cfg.scaling.cpus_per_worker,
+            data.decode_threads,
+            data.row_groups_in_flight,
+            data.fetches_in_flight,
+            data.read_buffer_mb,
         )
 
     def images(self, split: Split, rank: int, training: bool) -> tf.data.Dataset:

@@ -17,6 +17,7 @@ from transfer import storage
 from transfer.errors import DataError
 
 MAX_EXAMPLES = 20
+PAGE_ROWS = 1024
 HF_METADATA = b"huggingface"  # the schema metadata key where `datasets` keeps its features (ClassLabel names)
 NO_LABEL = -1  # a ClassLabel's "this row has no label"
 
@@ -26,6 +27,13 @@ class RowGroup:
     file: str  # a local path or URI
     index: int
     num_rows: int
+    image_bytes: int = 0  # the image column's uncompressed size in this row group
+
+    def open_bytes(self) -> int:
+        """About what streaming this row group holds in memory at once: a data page of its image column,
+        compressed and not. pyarrow's writer checks its 1 MiB page limit only every PAGE_ROWS values, so a page
+        of images can hold that many (80 MB of 512 px JPEGs)."""
+        return round(2 * self.image_bytes * min(1.0, PAGE_ROWS / max(1, self.num_rows)))
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ def scan(
         check_same_labels(label_type, file_type, key)
         file_labels, file_left_out = _labelled(source or file, raw, file_type, label_column, key, bad_records)
         meta = parquet.metadata
-        row_groups += [RowGroup(file, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+        row_groups += [_row_group(file, meta, i, image_column) for i in range(meta.num_row_groups)]
         labels += file_labels
         left_out += file_left_out
     if len(left_out) == len(labels):
@@ -175,6 +183,16 @@ def check_same_labels(expected: LabelType, found: LabelType, key: str) -> None:
     else:
         what = f"label {differ} is {found.names[differ]!r} here, {expected.names[differ]!r} in {there}"
     raise DataError(f"{key}: {here}: the ClassLabel names differ: {what}")
+
+
+def _row_group(file: str, meta: pq.FileMetaData, index: int, image_column: str) -> RowGroup:
+    group = meta.row_group(index)
+    image_bytes = sum(
+        group.column(c).total_uncompressed_size
+        for c in range(group.num_columns)
+        if group.column(c).path_in_schema.split(".")[0] == image_column  # a struct's fields too
+    )
+    return RowGroup(file, index, group.num_rows, image_bytes)
 
 
 def list_or_fail(location: str, suffixes: tuple[str, ...], key: str) -> list[str]:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import bisect
 import functools
-import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ SLICE_ROWS = 16  # rows a row group is streamed in; an open row group holds two 
 READ_BUFFER = 1 << 20  # bytes per read of a column chunk
 ROW_GROUPS_OPEN = 32  # per worker, by default: about a class each on class-sorted data of many classes
 FETCHES = 64  # image objects in flight per worker, by default
+READ_BUFFER_MB = 256  # per worker, by default: what the row groups open at once may hold in memory
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,18 @@ class Parallelism:
     decode: int  # images decoded and resized at once (tf.data threads)
     row_groups: int  # row groups open at once, their records interleaved one by one into every chunk
     fetches: int  # image objects in flight per worker (URI columns)
+    open_bytes: int = READ_BUFFER_MB << 20  # what the open row groups may hold in memory (Unit.open_bytes), beyond two
 
     @classmethod
     def for_cpus(
-        cls, cpus: int, decode: int | None = None, row_groups: int | None = None, fetches: int | None = None
+        cls,
+        cpus: int,
+        decode: int | None = None,
+        row_groups: int | None = None,
+        fetches: int | None = None,
+        read_buffer_mb: int = READ_BUFFER_MB,
     ) -> Parallelism:
-        return cls(decode or cpus, row_groups or ROW_GROUPS_OPEN, fetches or FETCHES)
+        return cls(decode or cpus, row_groups or ROW_GROUPS_OPEN, fetches or FETCHES, read_buffer_mb << 20)
 
 
 class BadRecords:
@@ -182,26 +188,35 @@ class OpenUnit:
 
 
 def interleaved(
-    units: Iterable[Unit], reader: UnitReader, open_at_once: int, pool: ThreadPoolExecutor
+    units: list[Unit], reader: UnitReader, parallel: Parallelism, pool: ThreadPoolExecutor
 ) -> Iterator[list[Record]]:
-    """The records of `units` in chunks of CHUNK, taken one by one from `open_at_once` units in turn.
+    """The records of `units` in chunks of CHUNK, taken one by one from the units open at once in turn: up to
+    `parallel.row_groups` of them, as many as `parallel.open_bytes` holds (two at least).
 
     Class-sorted data (a class per file or row group) then still gives chunks of many classes. The order of the
     records does not depend on the threads' timing.
     """
-    waiting = iter(units)
-    open_units = [OpenUnit(reader.slices(unit), pool) for unit in itertools.islice(waiting, open_at_once)]
+    open_units: list[tuple[Unit, OpenUnit]] = []
+    waiting = 0  # units[waiting] opens next
+
+    def fill() -> None:
+        nonlocal waiting
+        while waiting < len(units) and len(open_units) < parallel.row_groups:
+            held = sum(unit.open_bytes for unit, _ in open_units)
+            if len(open_units) >= 2 and held + units[waiting].open_bytes > parallel.open_bytes:
+                return
+            open_units.append((units[waiting], OpenUnit(reader.slices(units[waiting]), pool)))
+            waiting += 1
+
+    fill()
     chunk: list[Record] = []
     turn = 0
     while open_units:
         turn %= len(open_units)
-        record = open_units[turn].take()
-        if record is None:  # this unit is read: the next one waiting takes its turn
-            unit = next(waiting, None)
-            if unit is None:
-                del open_units[turn]
-            else:
-                open_units[turn] = OpenUnit(reader.slices(unit), pool)
+        record = open_units[turn][1].take()
+        if record is None:  # this unit is read: the next ones waiting open in its place
+            del open_units[turn]
+            fill()
             continue
         chunk.append(record)
         turn += 1
@@ -373,7 +388,7 @@ def make_dataset(
         try:
             while True:
                 ids = order.permutation(len(units)) if training else range(len(units))
-                for chunk in interleaved((units[i] for i in ids), reader, parallel.row_groups, reads):
+                for chunk in interleaved([units[i] for i in ids], reader, parallel, reads):
                     yield tuple(map(list, zip(*chunk, strict=True)))
                 yield [marker], [-1], ["(end of a pass)"]
         except Exception as e:  # the decode's ignore_errors would drop it: the ledger raises it past there

@@ -24,6 +24,7 @@ class Unit:
     file: str
     row_group: int
     rows: tuple[int, ...]
+    open_bytes: int = 0  # about what reading it holds in memory at once (RowGroup.open_bytes)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,6 @@ def shard_rows(index: ParquetIndex, rows: np.ndarray, num_workers: int, key: str
         for g in worker_groups[np.sort(np.unique(worker_groups, return_index=True)[1])]:  # in the run's order
             group = index.row_groups[g]
             local = worker_rows[worker_groups == g] - starts[g]
-            units.append(Unit(group.file, group.index, tuple(int(r) for r in local)))
+            units.append(Unit(group.file, group.index, tuple(int(r) for r in local), group.open_bytes()))
         shards.append(units)
     return Split(shards, per_worker)
