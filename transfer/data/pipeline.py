@@ -46,6 +46,9 @@ class Parallelism:
     row_groups: int  # row groups open at once, their records interleaved one by one into every chunk
     fetches: int  # image objects in flight per worker (URI columns)
     open_bytes: int = READ_BUFFER_MB << 20  # what the open row groups may hold in memory (Unit.open_bytes), beyond two
+    # Slices read at once, in Python threads. Few: they contend for the GIL. On one CPU (512 px, single runs, noisy)
+    # 1-2 readers gave 220-330 images/s, 32 gave 150.
+    reads: int = 2
 
     @classmethod
     def for_cpus(
@@ -56,7 +59,7 @@ class Parallelism:
         fetches: int | None = None,
         read_buffer_mb: int = READ_BUFFER_MB,
     ) -> Parallelism:
-        return cls(decode or cpus, row_groups or ROW_GROUPS_OPEN, fetches or FETCHES, read_buffer_mb << 20)
+        return cls(decode or cpus, row_groups or ROW_GROUPS_OPEN, fetches or FETCHES, read_buffer_mb << 20, cpus + 1)
 
 
 class BadRecords:
@@ -383,7 +386,7 @@ def make_dataset(
         so the gaps of a pass are found within it, also when no record of the shard decodes (the guard then
         stops the run)."""
         order = np.random.default_rng(seed)
-        reads, fetches = ThreadPoolExecutor(parallel.row_groups), ThreadPoolExecutor(parallel.fetches)
+        reads, fetches = ThreadPoolExecutor(parallel.reads), ThreadPoolExecutor(parallel.fetches)
         reader = UnitReader(image_column, label_column, class_index, guard, fetches)
         try:
             while True:
