@@ -11,6 +11,10 @@ mixing  40 classes in 40 files of one row group each (a class per file, as data 
         250 rows each, planned for 2 workers; each worker's training batches of 32 over one epoch (the job's
         defaults: shuffle buffer 1,024 rows); the mean number of distinct classes in a batch against batches drawn
         i.i.d. (a random permutation) from the same worker's rows. Goal: >= 0.9x.
+accuracy  the demo's data (5 classes, 3,000 JPEGs) with a fixed 20% validation file, its training rows written
+        shuffled (row groups of 250) and class-sorted (a file per class, one row group each); the demo's job, both
+        passes, run on each (the working tree's only); the fine-tune pass's final validation accuracy. Goal:
+        class-sorted within 0.02 of shuffled. `--no-accuracy` skips it (~8 min).
 `before` is the `transfer` package of a commit (`git archive`), `now` the working tree's; each measurement runs in
 a fresh process with that package first on its path. The data is made once in
 <TRANSFER_CACHE_DIR or ~/.cache/transfer>/bench-layout/ (the pipeline benchmark's 384x512 data is made first if
@@ -39,6 +43,7 @@ SMALL_ROW_GROUP = 128
 CLASSES, ROWS_PER_CLASS, WORKERS, BATCH = 40, 250, 2, 32
 TARGET = (224, 224)
 GOALS = {"memory giant / small row groups": ("<=", 1.2), "distinct classes per batch / i.i.d.": (">=", 0.9)}
+ACCURACY_GOAL = 0.02  # |val accuracy class-sorted - shuffled|
 
 
 def memory_data(cache: str) -> dict:
@@ -83,6 +88,51 @@ def mixing_data(cache: str) -> dict:
         return {"classes": CLASSES, "rows_per_class": ROWS_PER_CLASS, "files": CLASSES, "row_groups_per_file": 1}
 
     return made_once(cache, f"mixing-c{CLASSES}-r{ROWS_PER_CLASS}", make)
+
+
+def accuracy_data(cache: str) -> dict:
+    """The demo's rows: a validation file, and the training rows shuffled and class-sorted."""
+
+    def make(folder: str) -> dict:
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        from transfer import demo
+
+        table = pq.read_table(demo.prepare()["train"])
+        order = np.random.default_rng(0).permutation(table.num_rows)
+        validation, train = table.take(order[: len(order) // 5]), table.take(order[len(order) // 5 :])
+        for name in ("validation", "shuffled", "class_sorted"):
+            os.makedirs(os.path.join(folder, "data", name))
+        pq.write_table(validation, os.path.join(folder, "data", "validation", "part.parquet"))
+        pq.write_table(train, os.path.join(folder, "data", "shuffled", "part.parquet"), row_group_size=250)
+        labels = train.column("label").to_pylist()
+        for c in sorted(set(labels)):
+            rows = [i for i, label in enumerate(labels) if label == c]
+            pq.write_table(train.take(rows), os.path.join(folder, "data", "class_sorted", f"{c}.parquet"))
+        return {"train_rows": train.num_rows, "validation_rows": validation.num_rows, "classes": len(set(labels))}
+
+    return made_once(cache, "accuracy-demo", make)
+
+
+def run_job(data: str, validation: str, storage: str) -> dict:
+    """The demo's job on `data`, both passes, as a user runs it; its JSON summary."""
+    import yaml
+
+    from transfer import demo
+
+    config = demo.demo_config(demo.prepare())
+    config["run"] = {"name": os.path.basename(data), "storage": storage}
+    config["data"] = {**config["data"], "train": data, "validation": validation}
+    config["data"].pop("validation_split")
+    path = os.path.join(storage, os.path.basename(data) + ".yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    out = subprocess.run([sys.executable, "-m", "jobs.train", path], cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": f"exit {out.returncode}: {out.stderr.strip()[-1500:]}"}
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    return {pass_name: summary["passes"][pass_name]["final"] for pass_name in ("head", "finetune")}
 
 
 def cache_root(cache: str, name: str) -> str:
@@ -179,6 +229,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--before", default="eab9226", help="the commit whose reader is the `before` contender")
     parser.add_argument("--cache-dir")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the two training runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -212,6 +263,8 @@ def main() -> None:
                     runs[f"{contender}/{what}"].append(result)
                     print(f"repeat {repeat + 1} {contender} {what}: {_shown(result)}", flush=True)
     report = summarize(runs, args)
+    if not args.no_accuracy:
+        report["accuracy"] = accuracy(cache)
     report["setup"].update(memory_data=memory, mixing_data=mixing, wall_s=time.time() - started)
     report["machine"] = {"nproc": os.cpu_count(), "load_average_before": load_before, "after": os.getloadavg()}
     with open(args.out, "w") as f:
@@ -220,6 +273,22 @@ def main() -> None:
     print(f"wrote {args.out}")
     if any("error" in r for rs in runs.values() for r in rs):
         raise SystemExit(1)
+
+
+def accuracy(cache: str) -> dict:
+    data = accuracy_data(cache)
+    runs = {}
+    with tempfile.TemporaryDirectory() as storage:
+        for layout in ("shuffled", "class_sorted"):
+            runs[layout] = run_job(
+                os.path.join(data["path"], layout), os.path.join(data["path"], "validation"), storage
+            )
+            print(f"accuracy {layout}: {runs[layout]}", flush=True)
+    if any("error" in r for r in runs.values()):
+        return {"runs": runs, "met": False}
+    difference = runs["class_sorted"]["finetune"]["val_accuracy"] - runs["shuffled"]["finetune"]["val_accuracy"]
+    return {"data": data, "runs": runs, "finetune_val_accuracy_difference": difference,
+            "goal": f"|difference| <= {ACCURACY_GOAL}", "met": abs(difference) <= ACCURACY_GOAL}  # fmt: skip
 
 
 def _shown(result: dict) -> str:

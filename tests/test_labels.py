@@ -189,6 +189,15 @@ def test_csv_manifest_labels_that_are_whole_numbers_are_ints_sorted_as_numbers(t
     assert plan.classes == ["007", "10"]
 
 
+def test_parquet_manifest_int_labels_sort_as_numbers(tmp_path):
+    source = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"image": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "label": [10, 2, 10, 2]}), source)
+    target = images.write_manifest(str(source), "image", "label", "data.train", str(tmp_path / "m.pq"))
+    index = parquet.scan(target, "image", "label", source=str(source))
+    assert index.row_groups and plan_dataset(index, index, 0.0, 1, seed=0).classes == ["2", "10"]
+    assert pq.read_table(target).column("image").to_pylist()[0] == str(tmp_path / "a.jpg")
+
+
 def test_class_folders_named_by_whole_numbers_are_int_labels(tmp_path):
     for name in ("10", "2", "2", "10"):
         folder = tmp_path / "images" / name
