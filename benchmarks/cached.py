@@ -6,9 +6,36 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+
+from transfer.demo import cache_root  # numpy and pyarrow only: a benchmark's parent process never loads TensorFlow
+
+
+def cache_folder(name: str, override: str | None = None) -> str:
+    """A benchmark's data folder: `override` (its --cache-dir), else <TRANSFER_CACHE_DIR or ~/.cache/transfer>/NAME."""
+    return override or os.path.join(cache_root(), name)
+
+
+def in_fresh_process(script: str, spec: dict, env: dict[str, str], timeout: float) -> dict:
+    """Runs `script --worker SPEC` in a fresh Python; its last JSON line, or {"error": why} when it failed."""
+    try:
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in out.stdout.strip().splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"error": f"exit {out.returncode}: {out.stderr.strip()[-1500:]}"}
+    return json.loads(lines[-1])
 
 
 def made_once(cache: str, name: str, make: Callable[[str], dict]) -> dict:

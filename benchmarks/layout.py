@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.append(REPO)
 
-from benchmarks.cached import made_once  # noqa: E402
+from benchmarks.cached import cache_folder, in_fresh_process, made_once  # noqa: E402
 
 IMAGES = 3000
 SMALL_ROW_GROUP = 128
@@ -55,7 +55,7 @@ def memory_data(cache: str) -> dict:
 
         from benchmarks.pipeline import dataset_for
 
-        source = dataset_for(cache_root(cache, "bench-pipeline"), 512, 800, "4:3", 64)
+        source = dataset_for(cache_folder("bench-pipeline"), 512, 800, "4:3", 64)
         images = pq.read_table(source["path"], columns=["image"]).column("image").to_pylist()
         images = (images * (IMAGES // len(images) + 1))[:IMAGES]
         table = pa.table({"image": images, "label": [f"c{i % 4}" for i in range(IMAGES)]})
@@ -135,10 +135,6 @@ def run_job(data: str, validation: str, storage: str) -> dict:
     return {pass_name: summary["passes"][pass_name]["final"] for pass_name in ("head", "finetune")}
 
 
-def cache_root(cache: str, name: str) -> str:
-    return os.path.join(os.path.dirname(cache), name)
-
-
 # ---------------------------------------------------------------- one measurement, in a fresh process
 
 
@@ -204,16 +200,8 @@ def _shard_labels(index, units) -> list:
 
 
 def run_one(tree: str, what: str, data: str) -> dict:
-    spec = json.dumps({"what": what, "data": data})
-    env = {**os.environ, "PYTHONPATH": tree, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1"}
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", spec], env=env, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"error": f"exit {out.returncode}: {out.stderr.strip()[-1500:]}"}
-    return json.loads(lines[-1])
+    env = {"PYTHONPATH": tree, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1"}
+    return in_fresh_process(__file__, {"what": what, "data": data}, env, timeout=900)
 
 
 def package_at(commit: str, into: str) -> str:
@@ -240,10 +228,7 @@ def main() -> None:
         print(json.dumps({**measure(spec["data"]), "package": os.path.dirname(transfer.__file__)}))
         return
 
-    cache = args.cache_dir or os.path.join(
-        os.environ.get("TRANSFER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "transfer"),
-        "bench-layout",
-    )
+    cache = cache_folder("bench-layout", args.cache_dir)
     memory, mixing = memory_data(cache), mixing_data(cache)
     data = {
         "memory_giant": os.path.join(memory["path"], "giant"),

@@ -44,7 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.append(REPO)
 
-from benchmarks.cached import made_once  # noqa: E402  (after the repo is on the path)
+from benchmarks.cached import cache_folder, in_fresh_process, made_once  # noqa: E402  (after the repo is on the path)
 
 CONTENDERS = ("plain_full", "plain_reduced", "pipeline")
 TARGET = (224, 224)
@@ -287,22 +287,9 @@ def _job_pipeline(data: str, cpus: int) -> tuple[tf.data.Dataset, dict]:
 
 def run_one(contender: str, data: str, cpus: int) -> dict:
     """One measurement in a fresh process; a failure comes back as a record, so the others still run."""
-    spec = json.dumps({"contender": contender, "data": data, "cpus": cpus})
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": str(cpus)}  # Ray: OMP = the worker's CPUs
-    try:
-        out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--worker", spec],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    except subprocess.TimeoutExpired:
-        return {"contender": contender, "cpus": cpus, "error": "timed out after 600 s"}
-    lines = [line for line in out.stdout.strip().splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"contender": contender, "cpus": cpus, "error": f"exit {out.returncode}: {out.stderr.strip()[-1500:]}"}
-    return json.loads(lines[-1])
+    env = {"TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": str(cpus)}  # Ray: OMP = the worker's CPUs
+    result = in_fresh_process(__file__, {"contender": contender, "data": data, "cpus": cpus}, env, timeout=600)
+    return {"contender": contender, "cpus": cpus, **result} if "error" in result else result
 
 
 # ---------------------------------------------------------------- the run, the summary, the table
@@ -333,10 +320,7 @@ def main() -> None:
     cpu_counts = [int(c) for c in args.cpus.split(",") if int(c) <= available]
     if not cpu_counts:
         raise SystemExit(f"--cpus {args.cpus}: this process may run on {available} cores only")
-    cache = args.cache_dir or os.path.join(
-        os.environ.get("TRANSFER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "transfer"),
-        "bench-pipeline",
-    )
+    cache = cache_folder("bench-pipeline", args.cache_dir)
     datasets = {}
     for size in sizes:
         images = max(BATCH, round(DEFAULT_IMAGES.get(size, 400) * args.scale))

@@ -34,7 +34,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.cached import made_once  # noqa: E402  (after the repo is on the path)
+from benchmarks.cached import cache_folder, made_once  # noqa: E402  (after the repo is on the path)
 
 BACKBONE, IMAGE_SIZE, BATCH, HEAD_EPOCHS, FINETUNE_EPOCHS, UNFREEZE = "mobilenet_v2", 96, 32, 10, 2, 20
 T0 = time.time()  # this process's start, near enough
@@ -341,10 +341,7 @@ def main() -> None:
         print(json.dumps(run()))
         return
 
-    cache = args.cache_dir or os.path.join(
-        os.environ.get("TRANSFER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "transfer"),
-        "bench-peers",
-    )
+    cache = cache_folder("bench-peers", args.cache_dir)
     dataset = dataset_for(cache, args.images, args.source_size)
     data = dataset["path"]
     work = tempfile.mkdtemp(prefix="transfer-bench-")

@@ -26,9 +26,13 @@ SOURCE_IMAGE_SIZE = 48
 BACKBONE = "demo_cnn"
 
 
+def cache_root() -> str:
+    """Where made-once data lives: the demo's, and the benchmarks'."""
+    return os.environ.get("TRANSFER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "transfer")
+
+
 def cache_dir() -> str:
-    root = os.environ.get("TRANSFER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "transfer")
-    return os.path.join(root, f"demo-{VERSION}")
+    return os.path.join(cache_root(), f"demo-{VERSION}")
 
 
 def demo_config(assets: dict[str, str]) -> dict:

@@ -125,10 +125,13 @@ class UnitReader:
     ):
         self.columns = [image_column, label_column]
         self.class_index, self.guard, self.fetches = class_index, guard, fetches
+        self.footers: dict[str, pq.FileMetaData] = {}  # per file, read once: a file holds many units
 
     def slices(self, unit: Unit) -> Iterator[list[Record]]:
         fs, path = storage.resolve(unit.file)
-        file = pq.ParquetFile(path, filesystem=fs, pre_buffer=False, buffer_size=READ_BUFFER)
+        footer = self.footers.get(unit.file)
+        file = pq.ParquetFile(path, filesystem=fs, metadata=footer, pre_buffer=False, buffer_size=READ_BUFFER)
+        self.footers.setdefault(unit.file, file.metadata)
         batches = file.iter_batches(SLICE_ROWS, row_groups=[unit.row_group], columns=self.columns, use_threads=False)
         where = f"{storage.redact(unit.file)} row group {unit.row_group} row"
         wanted, first, taken = unit.rows, 0, 0  # unit.rows are sorted positions in the row group

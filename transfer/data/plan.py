@@ -157,7 +157,7 @@ def shard_rows(index: ParquetIndex, rows: np.ndarray, num_workers: int, key: str
         run = slice(w * per_worker, (w + 1) * per_worker)
         worker_rows, worker_groups = rows[run], group_of_row[run]
         units = []
-        for g in worker_groups[np.sort(np.unique(worker_groups, return_index=True)[1])]:  # in the run's order
+        for g in dict.fromkeys(worker_groups.tolist()):  # in the run's order
             group = index.row_groups[g]
             local = worker_rows[worker_groups == g] - starts[g]
             units.append(Unit(group.file, group.index, tuple(int(r) for r in local), group.open_bytes()))
