@@ -24,6 +24,9 @@ def test_defaults_follow_the_contract():
     [
         ({"head": {"epochs": -1}}, "job.yaml: head.epochs: must be >= 1, got -1"),
         ({"scaling": {"num_workers": 0}}, "job.yaml: scaling.num_workers: must be >= 1, got 0"),
+        ({"scaling": {"num_workers": [0, 2]}}, "job.yaml: scaling.num_workers: must be >= 1, got 0"),
+        ({"scaling": {"num_workers": [3, 2]}}, "job.yaml: scaling.num_workers: [min, max] needs min <= max"),
+        ({"scaling": {"num_workers": [1, 2, 3]}}, "job.yaml: scaling.num_workers: expected int or a list of 2"),
         ({"model": {"backbone": "alexnet"}}, "job.yaml: model.backbone: must be one of"),
         ({"head": {"epochs": "ten"}}, "job.yaml: head.epochs: expected int, got 'ten'"),
         ({"head": {"learning_rate": True}}, "job.yaml: head.learning_rate: expected float"),

@@ -21,10 +21,11 @@ pytestmark = pytest.mark.integration
 class Job:
     """`python -m jobs.train ARGS` in the background, its stdout lines collected as they come."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "jobs.train", *args],
             cwd=REPO,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

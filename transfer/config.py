@@ -86,13 +86,19 @@ class Finetune:
 
 @dataclass(frozen=True)
 class Scaling:
-    num_workers: int = 2
+    num_workers: int | tuple[int, int] = 2  # or [min, max]: elastic, as many as the cluster fits (README)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 2
     collective_timeout_s: int = 300  # a lost peer inside a collective ends in an error after this
     mixed_precision: str = "auto"  # auto (float16 on GPU, off on CPU) | float16 | bfloat16 | off
     jit_compile: bool = False  # XLA
+
+    @property
+    def world_sizes(self) -> range:
+        """Every number of workers a pass may run on: one, or min..max when elastic."""
+        low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        return range(low, high + 1)
 
 
 @dataclass(frozen=True)
@@ -335,11 +341,13 @@ def _check_values(c: Config, source: str) -> None:
     unfreeze = c.finetune.unfreeze
     if isinstance(unfreeze, int) and unfreeze < 1:
         fail("finetune.unfreeze", f"must be a layer count >= 1, a layer name, or all; got {unfreeze}")
-    at_least("scaling.num_workers", c.scaling.num_workers, 1)
+    if not c.scaling.world_sizes:
+        fail("scaling.num_workers", f"[min, max] needs min <= max, got {list(c.scaling.num_workers)}")
+    at_least("scaling.num_workers", c.scaling.world_sizes[0], 1)
     at_least("scaling.cpus_per_worker", c.scaling.cpus_per_worker, 1)
     at_least("scaling.max_failures", c.scaling.max_failures, 0)
     at_least("scaling.collective_timeout_s", c.scaling.collective_timeout_s, 1)
-    if c.scaling.jit_compile and not c.scaling.use_gpu and c.scaling.num_workers > 1:
+    if c.scaling.jit_compile and not c.scaling.use_gpu and max(c.scaling.world_sizes) > 1:
         fail(
             "scaling.jit_compile",
             "XLA has no collectives on CPU, and the gradients' all-reduce is inside the compiled step: "

@@ -25,10 +25,11 @@ RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job server for a 
 def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Echo = print) -> dict:
     """Runs the passes in order; returns the summary (run, storage, each pass's status, metrics and export)."""
     check_inputs(cfg)
-    plan = plan_data(cfg)
+    plans = plan_data(cfg)
+    plan = plans[max(plans)]
     echo(
         f"data: {len(plan.classes)} classes, {plan.train.rows_per_worker} training and "
-        f"{plan.validation.rows_per_worker} validation images per worker, {cfg.scaling.num_workers} workers"
+        f"{plan.validation.rows_per_worker} validation images per worker, {workers(cfg)} workers"
     )
     if plan.left_out:
         echo(f"data: {len(plan.left_out)} rows left out, for example {plan.left_out[0]}")
@@ -36,6 +37,7 @@ def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Ech
     if not all(done.values()):  # a rerun of a finished job (a DAG task's retry) starts neither TensorFlow nor Ray
         import_tensorflow(verbose)
         connect_ray(verbose)
+        check_storage_is_shared(cfg)
     summary = {
         "run": cfg.run.name,
         "storage": storage.redact(storage.absolute(cfg.run_uri)),
@@ -48,7 +50,7 @@ def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Ech
         else:
             from transfer.train_pass import run_pass  # imports TensorFlow
 
-            result = run_pass(cfg, pass_name, plan, echo)
+            result = run_pass(cfg, pass_name, plans, echo)
         summary["passes"][pass_name] = result
     return summary
 
@@ -73,8 +75,15 @@ def check_inputs(cfg: Config) -> None:
         raise ConfigError(f"finetune.init_from: {cfg.finetune.init_from} not found")
 
 
-def plan_data(cfg: Config) -> DatasetPlan:
-    """Scans the dataset on the driver and gives every worker the same number of rows and steps."""
+def workers(cfg: Config) -> str:
+    """The number of workers as the user set it: `2`, or `1-4` when elastic."""
+    sizes = cfg.scaling.world_sizes
+    return f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+
+
+def plan_data(cfg: Config) -> dict[int, DatasetPlan]:
+    """Scans the dataset on the driver and gives every worker the same number of rows and steps: a plan for each
+    number of workers the passes may run on (one, unless elastic), keyed by that number."""
     d = cfg.data
 
     def scan(location: str, key: str) -> parquet.ParquetIndex:
@@ -87,10 +96,10 @@ def plan_data(cfg: Config) -> DatasetPlan:
 
     train = scan(d.train, "data.train")
     validation = scan(d.validation, "data.validation") if d.validation else None
-    plan = plan_dataset(train, validation, d.validation_split, cfg.scaling.num_workers, d.seed)
-    for pass_name in ("head", "finetune"):
-        plan.check_batch_size(cfg.pass_settings(pass_name).batch_size, f"{pass_name}.batch_size")
-    return plan
+    plans = {n: plan_dataset(train, validation, d.validation_split, n, d.seed) for n in cfg.scaling.world_sizes}
+    for pass_name in ("head", "finetune"):  # the most workers give each the fewest rows
+        plans[max(plans)].check_batch_size(cfg.pass_settings(pass_name).batch_size, f"{pass_name}.batch_size")
+    return plans
 
 
 def import_tensorflow(verbose: bool) -> None:
@@ -134,6 +143,56 @@ def connect_ray(verbose: bool) -> None:
     node = ray._private.worker._global_node
     if node is not None and node.head:  # we started this Ray: it must not outlive us
         stop_with_this_process([info.process.pid for infos in node.all_processes.values() for info in infos])
+
+
+PROBE_TIMEOUT_S = 120  # a node's first task starts a Ray worker process there
+
+
+def check_storage_is_shared(cfg: Config) -> None:
+    """Stops before training when the run's storage is a local folder that a node which may run workers cannot
+    see: Ray Train would write that node's checkpoints to its own disk, and a restart or the export would not
+    find them. Each such node reads a probe the driver wrote."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not storage.is_local(cfg.run_uri):
+        return
+    here = ray.get_runtime_context().get_node_id()
+    need = {"GPU": 1} if cfg.scaling.use_gpu else {"CPU": cfg.scaling.cpus_per_worker}
+    nodes = [
+        node
+        for node in ray.nodes()
+        if node["Alive"] and node["NodeID"] != here and all(node["Resources"].get(k, 0) >= v for k, v in need.items())
+    ]
+    if not nodes:
+        return
+    token = os.urandom(8).hex()
+    probe = storage.resolve(storage.join(cfg.run_uri, f".storage-probe-{token}"))[1]
+    storage.write_text(probe, token)
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
+        answers = [
+            read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(probe)
+            for node in nodes
+        ]
+        seen = ray.get(answers, timeout=PROBE_TIMEOUT_S)  # a local path: the nodes read it as a file
+    finally:
+        storage.delete(probe)
+    for node, text in zip(nodes, seen, strict=True):
+        if text != token:
+            raise ConfigError(
+                f"run.storage: {cfg.run.storage} is a local folder that node {node['NodeManagerHostname']} "
+                f"({node['NodeID'][:8]}) cannot see; with more than one node use s3://, gs:// or a folder "
+                "mounted at the same path on every node (NFS)"
+            )
+
+
+def _read_probe(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 # Polls the driver; once it is gone (or a zombie) kills the local Ray it started. Ray's own shutdown runs only

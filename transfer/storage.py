@@ -21,6 +21,11 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def is_local(location: str) -> bool:
+    """A path or file:// URI on this machine's own file system."""
+    return not is_uri(location) or location.startswith("file://")
+
+
 def absolute(location: str) -> str:
     """A URI as it is; a local path made absolute, so Ray workers on this node read the same place."""
     return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
@@ -28,7 +33,7 @@ def absolute(location: str) -> str:
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it for a local path or URI; one filesystem per bucket and process."""
-    if not is_uri(location) or location.startswith("file://"):
+    if is_local(location):
         return pafs.LocalFileSystem(), absolute(location.removeprefix("file://"))
     parts = urllib.parse.urlsplit(location)
     bucket = parts.hostname or ""

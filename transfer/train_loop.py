@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import resource
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,9 +33,15 @@ class PassSpec:
 
     config: dict
     pass_name: str  # head | finetune
-    plan: DatasetPlan
+    plans: dict[int, DatasetPlan]  # by number of workers: one, or one per world size an elastic pass may get
     init_model: str | None  # finetune: the model.keras to start from
-    progress: Any = None  # a ray.util.queue.Queue the driver prints from; rank 0 posts when it starts
+    progress: Any = None  # a ray.util.queue.Queue the driver prints from; every worker posts when it starts
+    world_size: int | None = None  # set on the workers, to the size of the worker group they are in
+
+    @property
+    def plan(self) -> DatasetPlan:
+        """The plan for this worker group's size (on the driver, the largest's: the classes are the same)."""
+        return self.plans[self.world_size or max(self.plans)]
 
     @cached_property
     def cfg(self) -> Config:
@@ -68,6 +79,7 @@ def build_pass_model(spec: PassSpec, backbone_weights: str) -> tf.keras.Model:
 
 def train_loop_per_worker(spec: PassSpec) -> None:
     """One worker's pass, top to bottom: strategy -> model -> input -> fit, checkpointing every epoch."""
+    spec = dataclasses.replace(spec, world_size=_world_size())  # an elastic pass plans for the size it got
     cfg = spec.cfg
     start_tensorflow(cfg)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
@@ -76,6 +88,8 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         )
     )
     rank = ray.train.get_context().get_world_rank()
+    if spec.progress is not None:
+        spec.progress.put({"event": "worker", "pass": spec.pass_name, **where_this_worker_runs()})
     inputs = CachedFeatures(spec) if spec.pass_name == "head" and cfg.caches_features else Images(spec)
     with strategy.scope():
         trained = inputs.trained_model()
@@ -84,7 +98,7 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         trained.optimizer.build(trained.trainable_variables)
     history = restore(trained, ray.train.get_checkpoint(), trained.optimizer)["history"]
     if rank == 0 and spec.progress is not None:
-        spec.progress.put({"event": "start", "pass": spec.pass_name, "epoch": len(history)})
+        spec.progress.put({"event": "start", "pass": spec.pass_name, "epoch": len(history), "group": worker_group()})
 
     bad = BadRecords(cfg.data.bad_records)
     steps = spec.plan.steps_per_epoch(spec.batch_size)
@@ -245,6 +259,7 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         row["images_per_s"] = self.images_per_epoch / (self.train_seconds or seconds)
         row["seconds"] = seconds
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        row["world_size"] = _world_size()
         # Each bad record once, in the epoch that first met it: the pipeline reads ahead into the next epoch,
         # and every later epoch skips the same records again.
         found = self._sum_over_workers(len(self.bad.found))
@@ -257,7 +272,7 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
             checkpoint.write(
                 directory, self.model, self.spec.pass_name, self.rank, state, self.spec.cfg.to_yaml(), bad_records
             )
-            report = {"pass": self.spec.pass_name, "epochs": self.spec.epochs, **row}
+            report = {"pass": self.spec.pass_name, "epochs": self.spec.epochs, "group": worker_group(), **row}
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     def _sum_over_workers(self, value: int) -> int:
@@ -268,6 +283,24 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
 
 def _world_size() -> int:
     return ray.train.get_context().get_world_size()
+
+
+def worker_group() -> str:
+    """An id shared by the workers of one start of the worker group, and no other: Ray Train gives each start
+    a new TF_CONFIG, whose cluster lists the workers' fresh addresses."""
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    return hashlib.sha1(json.dumps(cluster, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def where_this_worker_runs() -> dict:
+    context = ray.train.get_context()
+    return {
+        "group": worker_group(),
+        "rank": context.get_world_rank(),
+        "world_size": context.get_world_size(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+    }
 
 
 def start_tensorflow(cfg: Config) -> None:

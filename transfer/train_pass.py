@@ -6,9 +6,11 @@ import json
 import os
 import threading
 
+import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.tensorflow import TensorflowTrainer
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from transfer import export, storage
 from transfer.checkpoint import STATE, restore
@@ -16,14 +18,15 @@ from transfer.config import Config
 from transfer.data.parquet import MAX_EXAMPLES
 from transfer.data.plan import DatasetPlan
 from transfer.errors import TrainingError, TransferError
-from transfer.job import Echo
+from transfer.job import Echo, workers
 from transfer.train_loop import PassSpec, build_pass_model, train_loop_per_worker
 
 CONTROLLER_POLL_S = 0.2  # read by Ray Train's controller from the driver's environment
 
 
-def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict:
-    """Trains one pass (resuming from its latest checkpoint, if any) and exports it."""
+def run_pass(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan], echo: Echo) -> dict:
+    """Trains one pass (resuming from its latest checkpoint, if any) and exports it. `plans`: by number of
+    workers, the plan of every worker-group size the pass may get."""
     export_uri = storage.join(cfg.run_uri, "export", pass_name)
     shown_uri = storage.redact(export_uri)
     epochs = cfg.pass_settings(pass_name).epochs
@@ -34,7 +37,8 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
         export.check_complete(init_uri, "finetune.init_from")
         init_model = storage.join(init_uri, export.MODEL)
     progress = Progress(pass_name, cfg.scaling.max_failures, echo)
-    spec = PassSpec(cfg.to_dict(), pass_name, plan, init_model, progress=progress.queue)
+    spec = PassSpec(cfg.to_dict(), pass_name, plans, init_model, progress=progress.queue)
+    plan = spec.plan
     # Fine-tuning's model is built here first, so a bad unfreeze setting fails now, not on every worker.
     model = build_pass_model(spec, cfg.model.weights) if pass_name == "finetune" else None
 
@@ -45,7 +49,7 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
         train_loop_per_worker,
         train_loop_config=spec,
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=cfg.scaling.num_workers,  # [min, max]: Ray Train's elastic scaling
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
@@ -57,7 +61,7 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
             callbacks=[PostEpochs(progress.queue), StopOnUserError()],
         ),
     )
-    echo(f"{pass_name}: training {epochs} epochs on {cfg.scaling.num_workers} workers")
+    echo(f"{pass_name}: training {epochs} epochs on {workers(cfg)} workers")
     run_folder = storage.join(cfg.run_uri, pass_name)
     try:
         result = progress.fit(trainer)
@@ -74,6 +78,7 @@ def run_pass(cfg: Config, pass_name: str, plan: DatasetPlan, echo: Echo) -> dict
         "pass": pass_name,
         "final": history[-1],
         "history": history,
+        "cluster": progress.cluster(),
         "restarts": {"count": len(progress.resumed_from), "resumed_after_epoch": progress.resumed_from},
         "bad_records": {
             "left_out_while_planning": len(plan.left_out),
@@ -94,7 +99,7 @@ class PostEpochs(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        self.queue.put({"event": "epoch", **metrics[0]})  # rank 0's: its metrics are global (MWMS reduces them)
+        self.queue.put({**metrics[0], "event": "epoch"})  # rank 0's: its metrics are global (MWMS reduces them)
 
 
 class StopOnUserError(UserCallback):
@@ -110,20 +115,41 @@ class StopOnUserError(UserCallback):
 
 
 class Progress:
-    """The driver's view of a pass: prints events as they come and counts worker-group restarts.
+    """The driver's view of a pass: prints events as they come, counts worker-group restarts, and knows where
+    the workers ran.
 
-    Rank 0 posts `start` each time the train loop starts (after a restart too); PostEpochs posts each epoch.
+    Every worker posts `worker` (where it runs) and rank 0 `start` each time the train loop starts (after a
+    restart too); PostEpochs posts each epoch.
     """
 
     def __init__(self, pass_name: str, max_failures: int, echo: Echo):
         self.pass_name, self.max_failures, self.echo = pass_name, max_failures, echo
-        self.queue = Queue(actor_options={"num_cpus": 0})  # fits a head node that runs no training
+        # On the driver's node, with 0 CPUs (a head node that runs no training): a worker node may go away.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.resumed_from: list[int] = []  # per restart, the epoch it resumed after
         self.starts = 0
+        self.groups: dict[str, dict[int, dict]] = {}  # per start of the worker group, its workers by rank
+        self.last_group: str | None = None  # the group that reported the latest epoch
+
+    def cluster(self) -> dict:
+        """Where the workers of the group that trained the last epoch ran."""
+        workers = sorted(self.groups.get(self.last_group, {}).values(), key=lambda w: w["rank"])
+        return {
+            "nodes": len({w["node_id"] for w in workers}),
+            "workers": [{k: w[k] for k in ("rank", "node_id", "hostname")} for w in workers],
+        }
 
     def handle(self, event: dict) -> None:
         name = self.pass_name
-        if event["event"] == "start":
+        if event["event"] == "worker":
+            group = self.groups.setdefault(event["group"], {})
+            group[event["rank"]] = event
+            if len(group) == event["world_size"]:
+                nodes = {w["node_id"] for w in group.values()}
+                hosts = sorted({w["hostname"] for w in group.values()})
+                self.echo(f"{name}: {len(group)} workers on {len(nodes)} nodes ({', '.join(hosts)})")
+        elif event["event"] == "start":
             self.starts += 1
             if self.starts > 1:
                 self.resumed_from.append(event["epoch"])
@@ -136,6 +162,7 @@ class Progress:
         elif event["event"] == "cache":
             self.echo(f"{name}: {event['what']} in {event['seconds']:.1f} s, cached in {event['where']}")
         else:
+            self.last_group = event.get("group")
             self.echo(format_epoch(event))
 
     def fit(self, trainer: TensorflowTrainer):

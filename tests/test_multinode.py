@@ -1,0 +1,153 @@
+"""A real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: a raylet per node, every address on
+127.0.0.1): the job run against it with RAY_ADDRESS as a user would, run storage on the S3 endpoint, nodes removed
+as when a machine dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, write_config
+from tests.test_faults import Job, metrics_of
+
+pytestmark = pytest.mark.integration
+
+
+class LocalCluster:
+    """A head that trains nothing (0 CPUs) and worker nodes of 1 CPU each; the job's driver joins the head."""
+
+    def __init__(self, workers: int):
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        self.workers = [self.cluster.add_node(num_cpus=1) for _ in range(workers)]
+        self.private: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def helper_actors(self) -> dict[str, str]:
+        """The live actors but the training workers (the train controller, the progress queue): {class: node id}."""
+        table = self.cluster.global_state.actor_table(None)
+        return {
+            actor["ActorClassName"]: actor["Address"]["NodeID"]
+            for actor in table.values()
+            if actor["State"] == "ALIVE" and actor["ActorClassName"] != "RayTrainWorker"
+        }
+
+    def remove_worker_node(self) -> str:
+        """Kills a worker node's raylet and every process on it, as when its machine dies; returns its id.
+
+        The node to go is one that holds an actor besides the training workers, if there is one.
+        """
+        others = set(self.helper_actors().values())
+        node = next((n for n in self.workers if n.node_id in others), self.workers[0])
+        self.workers.remove(node)
+        self.cluster.remove_node(node, allow_graceful=False)
+        return node.node_id
+
+    def add_worker_node(self) -> str:
+        node = self.cluster.add_node(num_cpus=1)
+        self.workers.append(node)
+        return node.node_id
+
+    def add_node_without(self, folder: str) -> subprocess.Popen:
+        """A worker node in a mount namespace of its own, where `folder` is an empty tmpfs (tests/private_node.py)."""
+        if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+            pytest.skip("unshare --mount is not permitted here: cannot make a node with a file system of its own")
+        process = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", sys.executable, "tests/private_node.py",
+             self.cluster.gcs_address, folder],
+            cwd=REPO, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        node_id = process.stdout.readline().strip()
+        deadline = time.monotonic() + 60
+        while not any(n["NodeID"] == node_id and n["Alive"] for n in self.cluster.global_state.node_table()):
+            assert time.monotonic() < deadline and process.poll() is None, "the private node did not join"
+            time.sleep(0.5)
+        self.private.append(process)
+        return process
+
+    def job(self, *args: str) -> Job:
+        return Job(*args, env={**os.environ, "RAY_ADDRESS": self.address})
+
+    def shutdown(self) -> None:
+        for process in self.private:
+            process.terminate()
+            process.wait(timeout=30)
+        self.cluster.shutdown()
+
+
+@pytest.fixture
+def cluster():
+    cluster = LocalCluster(workers=2)
+    yield cluster
+    cluster.shutdown()
+
+
+def test_a_lost_node_is_survived_on_a_replacement_node(cluster, s3, assets, tmp_path):
+    config = write_config(
+        tmp_path / "job.yaml", assets, f"{s3}/runs", "lost-node", scaling={"num_workers": 2, "max_failures": 3}
+    )
+    job = cluster.job(config, "--pass", "head", "--set", "head.epochs=4")
+    job.wait_for("head epoch 1/4")
+    helpers = cluster.helper_actors()  # what the driver depends on lives on its own node, the head
+    assert "_QueueActor" in helpers and set(helpers.values()) == {cluster.cluster.head_node.node_id}, helpers
+    removed = cluster.remove_worker_node()
+    lost = time.monotonic()
+    time.sleep(5)
+    cluster.add_worker_node()
+    restarted = job.wait_for("head: worker group restarted")
+    code, stderr = job.finish()
+    assert code == 0, stderr[-3000:]
+    metrics = metrics_of(f"{s3}/runs/lost-node/export/head")
+    assert metrics["restarts"]["count"] == 1
+    assert metrics["final"]["epoch"] == 4
+    nodes = {worker["node_id"] for worker in metrics["cluster"]["workers"]}
+    assert metrics["cluster"]["nodes"] == 2 and len(nodes) == 2 and removed not in nodes
+    assert json.loads(job.lines[-1])["status"] == "succeeded"
+    print(f"from the node loss to the restart line: {restarted - lost:.1f} s")
+
+
+def test_an_elastic_pass_finishes_on_the_workers_left_after_a_node_is_lost_for_good(cluster, assets, tmp_path):
+    # Local storage, which every node of this machine sees (as an NFS mount): the storage check lets it through.
+    config = write_config(
+        tmp_path / "job.yaml",
+        assets,
+        str(tmp_path / "runs"),
+        "elastic",
+        scaling={"num_workers": [1, 2], "max_failures": 3},
+    )
+    job = cluster.job(config, "--pass", "head", "--set", "head.epochs=4")
+    job.wait_for("head: 2 workers on 2 nodes")
+    job.wait_for("head epoch 1/4")
+    cluster.remove_worker_node()
+    job.wait_for("head: 1 workers on 1 nodes")
+    code, stderr = job.finish()
+    assert code == 0, stderr[-3000:]
+    metrics = metrics_of(str(tmp_path / "runs/elastic/export/head"))
+    sizes = [row["world_size"] for row in metrics["history"]]
+    assert sizes[0] == 2 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True), sizes
+    assert metrics["cluster"]["nodes"] == 1 and len(metrics["cluster"]["workers"]) == 1
+    assert metrics["final"]["epoch"] == 4
+
+
+def test_a_local_storage_folder_that_a_node_cannot_see_stops_the_job_before_training(cluster, assets, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    cluster.add_node_without(str(runs))  # a node without the "NFS mount"
+    config = write_config(tmp_path / "job.yaml", assets, str(runs), "unshared")
+    job = cluster.job(config, "--pass", "head")
+    code, stderr = job.finish(timeout=300)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, stderr[-3000:]
+    assert f"run.storage: {runs} is a local folder that node" in errors[0] and "s3://" in errors[0]
+    assert not any(line.startswith("head: training") for line in job.lines)
+    assert json.loads(job.lines[-1])["status"] == "failed"
+    assert [p.name for p in runs.rglob("*") if p.is_file()] == []  # the probe is gone
