@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -222,11 +223,21 @@ class Progress:
         goes with the driver (its actors, and a local Ray through the reaper)."""
         if self.controller is None:  # signalled before the controller started: nothing runs yet to stop
             return
-        try:
-            ray.get(self.controller.abort.remote(), timeout=STOP_TIMEOUT_S)
-        except Exception:  # the controller ends itself in abort() (RayActorError), or is gone already
-            pass
-        fit_thread.join(STOP_TIMEOUT_S)
+        controller = self.controller
+
+        def abort() -> None:
+            try:
+                ray.get(controller.abort.remote())
+            except Exception:  # the controller ends itself in abort() (RayActorError), or is gone already
+                pass
+
+        # In a thread of its own: with Ray's own processes gone too (a signal to the whole process group), a call
+        # to Ray can block past any timeout it is given.
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        aborting = threading.Thread(target=abort, name="abort-train-run", daemon=True)
+        aborting.start()
+        aborting.join(STOP_TIMEOUT_S)
+        fit_thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def format_epoch(event: dict) -> str:
