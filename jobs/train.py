@@ -1,6 +1,7 @@
 """transfer-train [CONFIG.yaml] [--pass head|finetune|all] [--set key.path=value ...]
 
-Exit codes: 0 success; 2 config or usage error; 3 data error found before training; 1 training failure.
+Exit codes: 0 success; 2 config or usage error; 3 data error found before training; 1 training failure;
+143 stopped by SIGTERM, 130 by SIGINT (the workers stopped, the checkpoints kept: a rerun resumes).
 The last line on stdout is a JSON summary a DAG task can parse.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import traceback
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from transfer import demo
     from transfer.config import load_config
-    from transfer.errors import TransferError
+    from transfer.errors import Interrupted, TransferError
     from transfer.job import import_tensorflow, run_job
 
     attempt: dict = {"pass": args.passes}  # what a failure's summary line can say of the run
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         attempt["run"] = cfg.run.name
         passes = ["head", "finetune"] if args.passes == "all" else [args.passes]
         summary = run_job(cfg, passes, verbose=args.verbose)
+    except KeyboardInterrupt:  # Ctrl-C outside a pass (a pass turns SIGINT into Interrupted itself)
+        stopped = Interrupted(signal.SIGINT)
+        return _fail(args, stopped, stopped.exit_code, attempt, status="interrupted")
+    except Interrupted as e:
+        return _fail(args, e, e.exit_code, attempt, status="interrupted")
     except TransferError as e:
         return _fail(args, e, e.exit_code, attempt)
     except Exception as e:
@@ -54,14 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fail(args: argparse.Namespace, error: Exception, exit_code: int, attempt: dict, prefix: str = "") -> int:
+def _fail(
+    args: argparse.Namespace, error: Exception, exit_code: int, attempt: dict, prefix: str = "", status: str = "failed"
+) -> int:
     """One line on stderr (the traceback too with --debug), and the JSON summary line on stdout."""
     if args.debug:
         traceback.print_exc()
     lines = str(error).strip().splitlines() or [type(error).__name__]
     message = f"{prefix}{lines[0]}"
     print(f"error: {message}", file=sys.stderr)
-    print(json.dumps({"status": "failed", **attempt, "exit_code": exit_code, "error": message}), flush=True)
+    print(json.dumps({"status": status, **attempt, "exit_code": exit_code, "error": message}), flush=True)
     return exit_code
 
 

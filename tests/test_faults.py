@@ -192,3 +192,41 @@ def test_a_frozen_peer_ends_in_an_error_within_the_collective_timeout_not_a_hang
     assert code == 0, stderr[-3000:]
     assert restarted - frozen < 15 + 60
     print(f"frozen peer: {restarted - frozen:.1f} s from SIGSTOP to the restarted group resuming")
+
+
+def test_sigterm_stops_the_workers_keeps_the_checkpoints_and_a_rerun_resumes(s3, assets, tmp_path):
+    config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="sigterm")
+    epochs = 20  # enough cached head epochs to still be training at the signal
+    command = (config, "--pass", "head", "--set", f"head.epochs={epochs}")
+    job = Job(*command)
+    job.wait_for(f"head epoch 1/{epochs}")
+    workers = ray_train_worker_pids(job)
+    assert len(workers) == 2, workers
+    job.process.send_signal(signal.SIGTERM)  # what Airflow's cancel and Kubernetes' pod deletion send
+    signalled = time.monotonic()
+    code, stderr = job.finish(timeout=120)
+    stop_s = time.monotonic() - signalled
+    assert code == 143, stderr[-3000:]
+    summary = json.loads(job.lines[-1])
+    assert {k: summary[k] for k in ("status", "run", "pass", "exit_code")} == {
+        "status": "interrupted",
+        "run": "sigterm",
+        "pass": "head",
+        "exit_code": 143,
+    }
+    assert summary["error"].startswith(f"head stopped by SIGTERM; latest good checkpoint: {s3}/runs/sigterm/head/")
+    assert summary["error"].endswith("; rerun to resume from it")
+    assert stderr.strip().splitlines()[-1] == f"error: {summary['error']}"
+    deadline = time.monotonic() + 10
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(map(running, workers))
+    assert not storage.exists(f"{s3}/runs/sigterm/export/head/manifest.json")
+
+    result = run_cli(*command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = next(line for line in result.stdout.splitlines() if line.startswith("head: resuming after epoch"))
+    assert int(resumed.split()[4]) >= 1
+    history = metrics_of(f"{s3}/runs/sigterm/export/head")["history"]
+    assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
+    print(f"SIGTERM: the driver exited {stop_s:.1f} s after the signal; the rerun {resumed!r}")

@@ -38,7 +38,7 @@ def write_export(model: tf.keras.Model, classes: list[str], config_yaml: str, me
         storage.delete(storage.join(location, MANIFEST))  # from here on, the old export is no longer complete
         storage.delete(location)
         storage.upload_dir(local, location)
-    storage.write_text(storage.join(location, MANIFEST), json.dumps(manifest, indent=1))
+    storage.write_text_whole(storage.join(location, MANIFEST), json.dumps(manifest, indent=1))
 
 
 def is_complete(location: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -16,10 +17,11 @@ from transfer import export, storage
 from transfer.config import Config
 from transfer.data import images, parquet
 from transfer.data.plan import DatasetPlan, plan_dataset
-from transfer.errors import ConfigError
+from transfer.errors import ConfigError, TrainingError
 
 Echo = Callable[[str], None]
 RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job server for a submitted job's driver
+HEAD_ANSWER_TIMEOUT_S = 2.0  # a live head accepts a TCP connection in milliseconds, even on a loaded machine
 
 
 def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Echo = print) -> dict:
@@ -36,7 +38,7 @@ def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Ech
     done = {pass_name: finished_pass(cfg, pass_name) for pass_name in passes}
     if not all(done.values()):  # a rerun of a finished job (a DAG task's retry) starts neither TensorFlow nor Ray
         import_tensorflow(verbose)
-        connect_ray(verbose)
+        connect_ray(verbose, echo)
         check_storage_is_shared(cfg)
     summary = {
         "run": cfg.run.name,
@@ -122,12 +124,13 @@ def import_tensorflow(verbose: bool) -> None:
     tf.get_logger().setLevel("ERROR")
 
 
-def connect_ray(verbose: bool) -> None:
+def connect_ray(verbose: bool, echo: Echo = print) -> None:
     """Joins the cluster at RAY_ADDRESS or a running local head; otherwise starts a local single-node Ray."""
     import ray
 
     if ray.is_initialized():
         return
+    address = ray_address(echo)
     env_vars = {"TF_USE_LEGACY_KERAS": "1"}
     if not verbose:
         env_vars["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -135,6 +138,7 @@ def connect_ray(verbose: bool) -> None:
     submitted = ray.job_config.JobConfig.from_json(json.loads(os.environ.get(RAY_JOB_CONFIG, "{}")))
     env_vars = {k: v for k, v in env_vars.items() if k not in (submitted.runtime_env or {}).get("env_vars", {})}
     ray.init(
+        address=address,
         runtime_env={"env_vars": env_vars},
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
@@ -193,6 +197,42 @@ def _read_probe(path: str) -> str | None:
             return f.read()
     except OSError:
         return None
+
+
+def ray_address(echo: Echo) -> str | None:
+    """The `address` for ray.init: None (Ray's own choice) once the head it would join answers, or "local".
+
+    Ray joins the head recorded in ray_current_cluster even when that head died without `ray stop`, and then
+    retries for minutes. A dead recorded head means no Ray runs here: start one. A dead RAY_ADDRESS is an error.
+    """
+    from ray._common.utils import get_ray_address_file
+    from ray._private import services
+
+    given = os.environ.get("RAY_ADDRESS", "")
+    if "://" in given:  # Ray Client (ray://host:port): its own connection, with its own timeout
+        return None
+    try:
+        head = services.canonicalize_bootstrap_address(None)
+    except ConnectionError:  # RAY_ADDRESS=auto and no Ray here: ray.init says so at once
+        return None
+    if head is None or answers(head):
+        return None
+    if given:
+        raise TrainingError(f"RAY_ADDRESS={given}: no Ray head answers at {head}")
+    echo(f"ray: the head recorded in {get_ray_address_file(None)} ({head}) does not answer; starting a local Ray")
+    return "local"
+
+
+def answers(address: str) -> bool:
+    """Whether something accepts a TCP connection at host:port (a Ray head's GCS), within a second or two."""
+    from ray._common.network_utils import parse_address
+
+    host, port = parse_address(address)
+    try:
+        with socket.create_connection((host, int(port)), timeout=HEAD_ANSWER_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
 
 
 # Polls the driver; once it is gone (or a zombie) kills the local Ray it started. Ray's own shutdown runs only

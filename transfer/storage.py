@@ -117,6 +117,17 @@ def write_text(location: str, text: str) -> None:
     write_bytes(location, text.encode())
 
 
+def write_text_whole(location: str, text: str) -> None:
+    """Writes a file that is seen whole or not at all: written beside, then moved into place (a rename, or an
+    object store's copy). For a marker such as an export's manifest, which must not exist half-written when the
+    job is stopped (SIGTERM) between creating the file and filling it."""
+    fs, path = resolve(location)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(f"{path}.partial") as f:
+        f.write(text.encode())
+    fs.move(f"{path}.partial", path)
+
+
 def delete(location: str) -> None:
     """Deletes a file or a folder; nothing to delete is fine."""
     fs, path = resolve(location)

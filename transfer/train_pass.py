@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.tensorflow import TensorflowTrainer
+from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -17,16 +22,27 @@ from transfer.checkpoint import STATE, restore
 from transfer.config import Config
 from transfer.data.parquet import MAX_EXAMPLES
 from transfer.data.plan import DatasetPlan
-from transfer.errors import TrainingError, TransferError
+from transfer.errors import Interrupted, TrainingError, TransferError
 from transfer.job import Echo, workers
 from transfer.train_loop import PassSpec, build_pass_model, train_loop_per_worker
 
 CONTROLLER_POLL_S = 0.2  # read by Ray Train's controller from the driver's environment
+STOP_TIMEOUT_S = 30  # how long a stopped pass waits for its workers to go: within Kubernetes' default grace period
 
 
 def run_pass(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan], echo: Echo) -> dict:
-    """Trains one pass (resuming from its latest checkpoint, if any) and exports it. `plans`: by number of
-    workers, the plan of every worker-group size the pass may get."""
+    """Trains one pass (resuming from its latest checkpoint, if any) and exports it; SIGTERM or SIGINT stops it
+    (Interrupted), keeping its checkpoints. `plans`: by number of workers, the plan of every worker-group size
+    the pass may get."""
+    try:
+        with signals_interrupt():
+            return train_and_export(cfg, pass_name, plans, echo)
+    except Interrupted as e:
+        run_folder = storage.join(cfg.run_uri, pass_name)
+        raise Interrupted(e.signum, f"{pass_name} {e}; {kept_checkpoint(run_folder)}") from None
+
+
+def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan], echo: Echo) -> dict:
     export_uri = storage.join(cfg.run_uri, "export", pass_name)
     shown_uri = storage.redact(export_uri)
     epochs = cfg.pass_settings(pass_name).epochs
@@ -58,13 +74,15 @@ def run_pass(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan], echo: E
             storage_path=storage.absolute(cfg.run_uri),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            callbacks=[PostEpochs(progress.queue), StopOnUserError()],
+            callbacks=[PostEpochs(progress.queue), StopOnUserError(), PostController(progress.queue)],
         ),
     )
     echo(f"{pass_name}: training {epochs} epochs on {workers(cfg)} workers")
     run_folder = storage.join(cfg.run_uri, pass_name)
     try:
         result = progress.fit(trainer)
+    except Interrupted:
+        raise
     except Exception as e:
         raise training_error(e, pass_name, run_folder, len(progress.resumed_from)) from e
     if result.checkpoint is None:
@@ -114,6 +132,38 @@ class StopOnUserError(UserCallback):
                 raise cause  # Ray Train does not retry a controller callback's error
 
 
+class PostController(ControllerCallback):
+    """Runs in the Ray Train controller: posts its own actor handle, so the driver can abort the run on a signal.
+    The trainer creates the controller unnamed, inside fit(), which runs in a thread: Ray Train's own SIGINT
+    handler (main thread only) is not installed, and the driver has no other way to reach it."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_controller_start(self, train_run_context) -> None:
+        self.queue.put({"event": "controller", "actor": ray.get_runtime_context().current_actor})
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While a pass runs, SIGTERM and SIGINT raise Interrupted in the main thread (an Airflow task cancelled, a
+    KubeRay job stopped, Ctrl-C), instead of Ray's SIGTERM handler's bare exit; the previous handlers come back
+    after."""
+
+    def interrupt(signum: int, frame) -> None:
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class Progress:
     """The driver's view of a pass: prints events as they come, counts worker-group restarts, and knows where
     the workers ran.
@@ -129,6 +179,7 @@ class Progress:
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.resumed_from: list[int] = []  # per restart, the epoch it resumed after
         self.starts = 0
+        self.controller = None  # the Ray Train controller's actor handle, once PostController posts it
         self.groups: dict[str, dict[int, dict]] = {}  # per start of the worker group, its workers by rank
         self.last_group: str | None = None  # the group that reported the latest epoch
 
@@ -149,6 +200,8 @@ class Progress:
                 nodes = {w["node_id"] for w in group.values()}
                 hosts = sorted({w["hostname"] for w in group.values()})
                 self.echo(f"{name}: {len(group)} workers on {len(nodes)} nodes ({', '.join(hosts)})")
+        elif event["event"] == "controller":
+            self.controller = event["actor"]
         elif event["event"] == "start":
             self.starts += 1
             if self.starts > 1:
@@ -177,14 +230,40 @@ class Progress:
 
         thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
         thread.start()
-        while thread.is_alive() or not self.queue.empty():
-            try:
-                self.handle(self.queue.get(timeout=0.5))
-            except Empty:
-                continue
+        try:
+            while thread.is_alive() or not self.queue.empty():
+                try:
+                    self.handle(self.queue.get(timeout=0.5))
+                except Empty:
+                    continue
+        except Interrupted:
+            self.stop_workers(thread)
+            raise
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]
+
+    def stop_workers(self, fit_thread: threading.Thread) -> None:
+        """Aborts the run as Ray Train's own SIGINT handler does: the controller stops the worker group and exits.
+        Waits a bounded time, so a stuck cluster cannot hold the driver past its grace period; whatever is left
+        goes with the driver (its actors, and a local Ray through the reaper)."""
+        if self.controller is None:  # signalled before the controller started: nothing runs yet to stop
+            return
+        controller = self.controller
+
+        def abort() -> None:
+            try:
+                ray.get(controller.abort.remote())
+            except Exception:  # the controller ends itself in abort() (RayActorError), or is gone already
+                pass
+
+        # In a thread of its own: with Ray's own processes gone too (a signal to the whole process group), a call
+        # to Ray can block past any timeout it is given.
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        aborting = threading.Thread(target=abort, name="abort-train-run", daemon=True)
+        aborting.start()
+        aborting.join(STOP_TIMEOUT_S)
+        fit_thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def format_epoch(event: dict) -> str:
@@ -208,6 +287,14 @@ def latest_checkpoint(run_folder: str) -> tuple[str, int] | None:
     return best
 
 
+def kept_checkpoint(run_folder: str) -> str:
+    """What a stopped or failed pass leaves: its latest good checkpoint, which a rerun resumes from."""
+    latest = latest_checkpoint(run_folder)
+    if latest is None:
+        return "no checkpoint was written"
+    return f"latest good checkpoint: {storage.redact(latest[0])} (epoch {latest[1]}); rerun to resume from it"
+
+
 def training_error(error: Exception, pass_name: str, run_folder: str, restarts: int) -> TransferError:
     """The user's own error when a worker raised one (config, data); else one line on what failed and what is
     left: the latest good checkpoint, which a rerun resumes from."""
@@ -221,12 +308,7 @@ def training_error(error: Exception, pass_name: str, run_folder: str, restarts: 
     cause = next(iter(failures.values()), error)
     cause = getattr(cause, "cause", cause)
     lines = [line for line in str(cause).splitlines() if line.strip()]
-    latest = latest_checkpoint(run_folder)
-    kept = (
-        f"latest good checkpoint: {storage.redact(latest[0])} (epoch {latest[1]}); rerun to resume from it"
-        if latest
-        else "no checkpoint was written"
-    )
+    kept = kept_checkpoint(run_folder)
     return TrainingError(
         f"{pass_name} failed after {restarts} worker-group restarts: {type(cause).__name__}: "
         f"{lines[-1] if lines else ''}; {kept}"
