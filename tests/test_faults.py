@@ -1,5 +1,5 @@
 """Real faults on a real local Ray with 2 workers, run storage on the S3 endpoint: killed workers and drivers,
-too many failures, damaged exports."""
+too many failures, a frozen peer, a stop by signal. A lost node, and a damaged export: tests/test_multinode.py."""
 
 import json
 import os
@@ -105,42 +105,6 @@ def kill_one_worker(job: Job) -> float:
 
 def metrics_of(uri: str) -> dict:
     return json.loads(storage.read_text(f"{uri}/metrics.json"))
-
-
-@pytest.fixture(scope="module")
-def killed_worker_run(s3, assets, tmp_path_factory):
-    """A head pass on S3 storage that loses a worker (SIGKILL) after its first checkpoint."""
-    config = write_config(tmp_path_factory.mktemp("kw") / "job.yaml", assets, storage=f"{s3}/runs", name="kill-worker")
-    job = Job(config, "--pass", "head", "--set", "head.epochs=4")
-    job.wait_for("head epoch 1/4")
-    killed = kill_one_worker(job)
-    restarted = job.wait_for("head: worker group restarted")
-    code, stderr = job.finish()
-    return {"config": config, "code": code, "stderr": stderr, "lines": job.lines, "recovery_s": restarted - killed}
-
-
-def test_a_killed_worker_is_survived_and_recorded(killed_worker_run, s3):
-    run = killed_worker_run
-    assert run["code"] == 0, run["stderr"][-3000:]
-    restart = next(line for line in run["lines"] if line.startswith("head: worker group restarted"))
-    resumed_after = int(restart.rsplit(" ", 1)[1])
-    assert resumed_after >= 1
-    metrics = metrics_of(f"{s3}/runs/kill-worker/export/head")
-    assert metrics["restarts"] == {"count": 1, "resumed_after_epoch": [resumed_after]}
-    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]  # at most the epoch in flight redone
-    print(f"worker loss: {run['recovery_s']:.1f} s from SIGKILL to the restarted group resuming")
-
-
-def test_a_damaged_head_export_is_refused_by_the_finetune_pass(killed_worker_run, s3):
-    export = f"{s3}/runs/kill-worker/export/head"
-    model = storage.read_bytes(f"{export}/model.keras")
-    storage.write_bytes(f"{export}/model.keras", model[: len(model) // 2])
-    result = run_cli(killed_worker_run["config"], "--pass", "finetune")
-    assert result.returncode == 3, result.stderr[-3000:]
-    assert result.stderr.strip() == (
-        f"error: finetune.init_from: {export}/model.keras has {len(model) // 2} bytes, its manifest says {len(model)}"
-    )
-    assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "failed"
 
 
 def test_past_max_failures_the_job_exits_1_naming_the_latest_checkpoint(s3, assets, tmp_path):

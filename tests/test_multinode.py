@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, run_cli, write_config
 from tests.test_faults import Job, metrics_of
+from transfer import storage
 
 pytestmark = pytest.mark.integration
 
@@ -84,35 +85,75 @@ class LocalCluster:
         self.cluster.shutdown()
 
 
-@pytest.fixture
-def cluster():
+@pytest.fixture(scope="module")
+def local_cluster():
     cluster = LocalCluster(workers=2)
     yield cluster
     cluster.shutdown()
 
 
-def test_a_lost_node_is_survived_on_a_replacement_node(cluster, s3, assets, tmp_path):
+@pytest.fixture
+def cluster(local_cluster):
+    """The module's cluster with two worker nodes, however many the test before it left."""
+    while len(local_cluster.workers) < 2:
+        local_cluster.add_worker_node()
+    return local_cluster
+
+
+@pytest.fixture(scope="module")
+def lost_node_run(local_cluster, s3, assets, tmp_path_factory):
+    """A head pass on 2 workers on 2 nodes, storage on S3, that loses a node (its raylet and workers killed)
+    after its first checkpoint; a replacement node joins 5 s later."""
+    cluster = local_cluster
     config = write_config(
-        tmp_path / "job.yaml", assets, f"{s3}/runs", "lost-node", scaling={"num_workers": 2, "max_failures": 3}
-    )
+        tmp_path_factory.mktemp("lost") / "job.yaml", assets, f"{s3}/runs", "lost-node",
+        scaling={"num_workers": 2, "max_failures": 3},
+    )  # fmt: skip
     job = cluster.job(config, "--pass", "head", "--set", "head.epochs=4")
+    job.wait_for("head: 2 workers on 2 nodes")
     job.wait_for("head epoch 1/4")
-    helpers = cluster.helper_actors()  # what the driver depends on lives on its own node, the head
-    assert "_QueueActor" in helpers and set(helpers.values()) == {cluster.cluster.head_node.node_id}, helpers
+    helpers = cluster.helper_actors()
     removed = cluster.remove_worker_node()
     lost = time.monotonic()
     time.sleep(5)
     cluster.add_worker_node()
     restarted = job.wait_for("head: worker group restarted")
     code, stderr = job.finish()
-    assert code == 0, stderr[-3000:]
-    metrics = metrics_of(f"{s3}/runs/lost-node/export/head")
-    assert metrics["restarts"]["count"] == 1
-    assert metrics["final"]["epoch"] == 4
+    return {
+        "config": config, "code": code, "stderr": stderr, "lines": job.lines, "helpers": helpers,
+        "head_node": cluster.cluster.head_node.node_id, "removed": removed, "recovery_s": restarted - lost,
+        "export": f"{s3}/runs/lost-node/export/head",
+    }  # fmt: skip
+
+
+def test_a_lost_node_is_survived_on_a_replacement_node(lost_node_run):
+    run = lost_node_run
+    assert run["code"] == 0, run["stderr"][-3000:]
+    # What the driver depends on (the train controller, the progress queue) lives on its own node, the head.
+    assert "_QueueActor" in run["helpers"] and set(run["helpers"].values()) == {run["head_node"]}, run["helpers"]
+    restart = next(line for line in run["lines"] if line.startswith("head: worker group restarted"))
+    resumed_after = int(restart.rsplit(" ", 1)[1])
+    metrics = metrics_of(run["export"])
+    assert metrics["restarts"] == {"count": 1, "resumed_after_epoch": [resumed_after]} and resumed_after >= 1
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]  # at most the epoch in flight redone
+    assert [row["world_size"] for row in metrics["history"]] == [2, 2, 2, 2]
     nodes = {worker["node_id"] for worker in metrics["cluster"]["workers"]}
-    assert metrics["cluster"]["nodes"] == 2 and len(nodes) == 2 and removed not in nodes
-    assert json.loads(job.lines[-1])["status"] == "succeeded"
-    print(f"from the node loss to the restart line: {restarted - lost:.1f} s")
+    assert metrics["cluster"]["nodes"] == 2 and len(nodes) == 2 and run["removed"] not in nodes
+    assert [w["rank"] for w in metrics["cluster"]["workers"]] == [0, 1]
+    assert json.loads(run["lines"][-1])["status"] == "succeeded"
+    print(f"node loss: {run['recovery_s']:.1f} s from the node's removal to the restarted group resuming")
+
+
+def test_a_damaged_head_export_is_refused_by_the_finetune_pass(lost_node_run, local_cluster):
+    export = lost_node_run["export"]
+    model = storage.read_bytes(f"{export}/model.keras")
+    storage.write_bytes(f"{export}/model.keras", model[: len(model) // 2])
+    result = run_cli(lost_node_run["config"], "--pass", "finetune")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.stderr.strip() == (
+        f"error: finetune.init_from: {export}/model.keras has {len(model) // 2} bytes, its manifest says {len(model)}"
+    )
+    assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "failed"
 
 
 def test_an_elastic_pass_finishes_on_the_workers_left_after_a_node_is_lost_for_good(cluster, assets, tmp_path):

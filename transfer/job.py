@@ -36,6 +36,8 @@ def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Ech
     if plan.left_out:
         echo(f"data: {len(plan.left_out)} rows left out, for example {plan.left_out[0]}")
     done = {pass_name: finished_pass(cfg, pass_name) for pass_name in passes}
+    if not done.get("finetune", True) and done.get("head", True):  # its start exists already: check it now
+        export.check_complete(finetune_start(cfg), "finetune.init_from")
     if not all(done.values()):  # a rerun of a finished job (a DAG task's retry) starts neither TensorFlow nor Ray
         import_tensorflow(verbose)
         connect_ray(verbose, echo)
@@ -75,6 +77,11 @@ def check_inputs(cfg: Config) -> None:
         raise ConfigError(f"model.weights: {weights} not found")
     if cfg.finetune.init_from and not storage.exists(cfg.finetune.init_from):
         raise ConfigError(f"finetune.init_from: {cfg.finetune.init_from} not found")
+
+
+def finetune_start(cfg: Config) -> str:
+    """The export the fine-tune pass starts from."""
+    return cfg.finetune.init_from or storage.join(cfg.run_uri, "export", "head")
 
 
 def workers(cfg: Config) -> str:

@@ -23,7 +23,7 @@ from transfer.config import Config
 from transfer.data.parquet import MAX_EXAMPLES
 from transfer.data.plan import DatasetPlan
 from transfer.errors import Interrupted, TrainingError, TransferError
-from transfer.job import Echo, workers
+from transfer.job import Echo, finetune_start, workers
 from transfer.train_loop import PassSpec, build_pass_model, train_loop_per_worker
 
 CONTROLLER_POLL_S = 0.2  # read by Ray Train's controller from the driver's environment
@@ -49,7 +49,7 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
 
     init_model = None
     if pass_name == "finetune":
-        init_uri = cfg.finetune.init_from or storage.join(cfg.run_uri, "export", "head")
+        init_uri = finetune_start(cfg)
         export.check_complete(init_uri, "finetune.init_from")
         init_model = storage.join(init_uri, export.MODEL)
     progress = Progress(pass_name, cfg.scaling.max_failures, echo)
