@@ -31,6 +31,8 @@ class Job:
             text=True,
         )
         self.lines: list[str] = []
+        self.times: list[float] = []  # when each line came (time.monotonic())
+        self.started = time.monotonic()
         self.stderr: list[str] = []
         self._new: queue.Queue = queue.Queue()
         self._readers = [
@@ -42,6 +44,7 @@ class Job:
 
     def _read(self) -> None:
         for line in self.process.stdout:
+            self.times.append(time.monotonic())
             self.lines.append(line.rstrip("\n"))
             self._new.put(line)
 
@@ -57,6 +60,10 @@ class Job:
             except queue.Empty:
                 pass
         return time.monotonic()
+
+    def timeline(self) -> str:
+        """The stdout lines so far, each with the seconds since the job started."""
+        return "\n".join(f"{t - self.started:7.1f} s  {line}" for t, line in zip(self.times, self.lines, strict=False))
 
     def finish(self, timeout: float = 600) -> tuple[int, str]:
         self.process.wait(timeout=timeout)

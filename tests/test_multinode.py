@@ -120,6 +120,7 @@ def lost_node_run(local_cluster, s3, assets, tmp_path_factory):
     cluster.add_worker_node()
     restarted = job.wait_for("head: worker group restarted")
     code, stderr = job.finish()
+    print(f"lost node, removed at {lost - job.started:.1f} s:\n{job.timeline()}")
     return {
         "config": config, "code": code, "stderr": stderr, "lines": job.lines, "helpers": helpers,
         "head_node": cluster.cluster.head_node.node_id, "removed": removed, "recovery_s": restarted - lost,
@@ -170,8 +171,10 @@ def test_an_elastic_pass_finishes_on_the_workers_left_after_a_node_is_lost_for_g
     job.wait_for("head: 2 workers on 2 nodes")
     job.wait_for("head epoch 1/4")
     cluster.remove_worker_node()
+    lost = time.monotonic() - job.started
     job.wait_for("head: 1 workers on 1 nodes")
     code, stderr = job.finish()
+    print(f"elastic, node lost at {lost:.1f} s:\n{job.timeline()}")
     assert code == 0, stderr[-3000:]
     metrics = metrics_of(str(tmp_path / "runs/elastic/export/head"))
     sizes = [row["world_size"] for row in metrics["history"]]
