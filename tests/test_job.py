@@ -42,7 +42,8 @@ def test_one_line_per_epoch_per_pass(finished_run):
     assert len([line for line in lines if line.startswith("head epoch ")]) == 3
     assert len([line for line in lines if line.startswith("finetune epoch ")]) == 2
     assert any(line.startswith("head epoch 3/3: loss ") and "val_accuracy" in line for line in lines)
-    plan = plan_data(load_config(finished_run["config"]))
+    assert any(line.startswith("head: 2 workers on 1 nodes (") for line in lines)
+    plan = plan_data(load_config(finished_run["config"]))[2]  # the plan for 2 workers
     train, val = plan.train.rows_per_worker, plan.validation.rows_per_worker
     # The frozen backbone ran once per image, not once per epoch; fine-tuning decoded its validation images once.
     assert any(line.startswith(f"head: backbone features of {train} images per worker computed in") for line in lines)
@@ -57,6 +58,8 @@ def test_outputs_are_where_the_contract_says(finished_run):
             assert (export / name).exists(), name
         metrics = json.loads((export / "metrics.json").read_text())
         assert [row["epoch"] for row in metrics["history"]] == list(range(1, epochs + 1))
+        assert [row["world_size"] for row in metrics["history"]] == [2] * epochs
+        assert metrics["cluster"]["nodes"] == 1 and [w["rank"] for w in metrics["cluster"]["workers"]] == [0, 1]
         assert metrics["final"] == metrics["history"][-1]
         assert json.loads((export / "labels.json").read_text()) == ["checker", "cross", "diamond", "dots", "ring"]
         checkpoints = [p for p in (run / pass_name).iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
