@@ -61,6 +61,10 @@ class Job:
                 pass
         return time.monotonic()
 
+    def first(self, prefix: str) -> str:
+        """The first stdout line starting with `prefix` (after `wait_for` it)."""
+        return next(line for line in self.lines if line.startswith(prefix))
+
     def timeline(self) -> str:
         """The stdout lines so far, each with the seconds since the job started."""
         return "\n".join(f"{t - self.started:7.1f} s  {line}" for t, line in zip(self.times, self.lines, strict=False))
@@ -128,30 +132,6 @@ def test_past_max_failures_the_job_exits_1_naming_the_latest_checkpoint(s3, asse
     assert json.loads(job.lines[-1])["status"] == "failed"
 
 
-def test_after_the_driver_is_killed_a_rerun_resumes(s3, assets, tmp_path):
-    config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="kill-driver")
-    epochs = 20  # cached head epochs take well under a second: enough of them to still be training at the kill
-    job = Job(config, "--pass", "head", "--set", f"head.epochs={epochs}")
-    job.wait_for(f"head epoch 1/{epochs}")
-    orphans = ray_train_worker_pids(job)
-    job.process.send_signal(signal.SIGKILL)
-    job.finish()
-    deadline = time.monotonic() + 20  # the local Ray it started goes with it: nothing trains on unseen
-    while any(map(running, orphans)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not any(map(running, orphans))
-    started = time.monotonic()
-    result = run_cli(config, "--pass", "head", "--set", f"head.epochs={epochs}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    resumed = next(line for line in result.stdout.splitlines() if line.startswith("head: resuming after epoch"))
-    after = int(resumed.split()[4])
-    assert after >= 1
-    assert f"head epoch {after}/{epochs}" not in result.stdout and f"head epoch {epochs}/{epochs}" in result.stdout
-    history = metrics_of(f"{s3}/runs/kill-driver/export/head")["history"]
-    assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
-    print(f"driver loss: the rerun took {time.monotonic() - started:.1f} s for {epochs - after} epochs")
-
-
 def test_a_frozen_peer_ends_in_an_error_within_the_collective_timeout_not_a_hang(s3, assets, tmp_path):
     config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="frozen-peer")
     job = Job(config, "--pass", "head", "--set", "head.epochs=3", "--set", "scaling.collective_timeout_s=15")
@@ -165,15 +145,17 @@ def test_a_frozen_peer_ends_in_an_error_within_the_collective_timeout_not_a_hang
     print(f"frozen peer: {restarted - frozen:.1f} s from SIGSTOP to the restarted group resuming")
 
 
-def test_sigterm_stops_the_workers_keeps_the_checkpoints_and_a_rerun_resumes(s3, assets, tmp_path):
-    config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="sigterm")
-    epochs = 20  # enough cached head epochs to still be training at the signal
+def test_a_driver_stopped_by_sigterm_then_killed_leaves_nothing_running_and_each_rerun_resumes(s3, assets, tmp_path):
+    """SIGTERM (Airflow's cancel, a pod's deletion): a clean stop. Then SIGKILL of the rerun's driver (a node
+    gone, an OOM kill): the local Ray it started goes with it. The last rerun finishes the pass."""
+    config = write_config(tmp_path / "job.yaml", assets, storage=f"{s3}/runs", name="stop-driver")
+    epochs = 20  # cached head epochs take well under a second: enough of them to still be training at the signal
     command = (config, "--pass", "head", "--set", f"head.epochs={epochs}")
     job = Job(*command)
     job.wait_for(f"head epoch 1/{epochs}")
     workers = ray_train_worker_pids(job)
     assert len(workers) == 2, workers
-    job.process.send_signal(signal.SIGTERM)  # what Airflow's cancel and Kubernetes' pod deletion send
+    job.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     code, stderr = job.finish(timeout=120)
     stop_s = time.monotonic() - signalled
@@ -181,23 +163,43 @@ def test_sigterm_stops_the_workers_keeps_the_checkpoints_and_a_rerun_resumes(s3,
     summary = json.loads(job.lines[-1])
     assert {k: summary[k] for k in ("status", "run", "pass", "exit_code")} == {
         "status": "interrupted",
-        "run": "sigterm",
+        "run": "stop-driver",
         "pass": "head",
         "exit_code": 143,
     }
-    assert summary["error"].startswith(f"head stopped by SIGTERM; latest good checkpoint: {s3}/runs/sigterm/head/")
+    assert summary["error"].startswith(f"head stopped by SIGTERM; latest good checkpoint: {s3}/runs/stop-driver/head/")
     assert summary["error"].endswith("; rerun to resume from it")
     assert stderr.strip().splitlines()[-1] == f"error: {summary['error']}"
-    deadline = time.monotonic() + 10
-    while any(map(running, workers)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not any(map(running, workers))
-    assert not storage.exists(f"{s3}/runs/sigterm/export/head/manifest.json")
+    assert_gone(workers, within_s=10)
+    assert not storage.exists(f"{s3}/runs/stop-driver/export/head/manifest.json")
 
+    job = Job(*command)
+    job.wait_for("head: resuming after epoch")
+    resumed = int(job.first("head: resuming after epoch").split()[4])
+    assert resumed >= 1
+    job.wait_for(f"head epoch {resumed + 1}/{epochs}")
+    workers = ray_train_worker_pids(job)
+    job.process.send_signal(signal.SIGKILL)
+    job.finish()
+    assert_gone(workers, within_s=20)  # nothing trains on unseen
+
+    started = time.monotonic()
     result = run_cli(*command)
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed = next(line for line in result.stdout.splitlines() if line.startswith("head: resuming after epoch"))
-    assert int(resumed.split()[4]) >= 1
-    history = metrics_of(f"{s3}/runs/sigterm/export/head")["history"]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("head: resuming after epoch"))
+    after = int(line.split()[4])
+    assert after > resumed
+    assert f"head epoch {after}/{epochs}" not in result.stdout and f"head epoch {epochs}/{epochs}" in result.stdout
+    history = metrics_of(f"{s3}/runs/stop-driver/export/head")["history"]
     assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
-    print(f"SIGTERM: the driver exited {stop_s:.1f} s after the signal; the rerun {resumed!r}")
+    print(
+        f"SIGTERM: the driver exited {stop_s:.1f} s after the signal; after SIGKILL the last rerun took "
+        f"{time.monotonic() - started:.1f} s for {epochs - after} epochs"
+    )
+
+
+def assert_gone(pids: list[int], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(map(running, pids)), [pid for pid in pids if running(pid)]
