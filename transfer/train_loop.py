@@ -11,53 +11,18 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
 
 import ray.train
 import tensorflow as tf
 
 from transfer import checkpoint, storage
 from transfer.checkpoint import restore
-from transfer.config import Config, from_dict
+from transfer.config import Config
 from transfer.data.cache import RowCache, inference
 from transfer.data.pipeline import BadRecords, Parallelism, make_dataset
-from transfer.data.plan import DatasetPlan, Split
+from transfer.data.plan import Split
 from transfer.model import build_model, compile_model, split_at_features, unfreeze_model, with_precision
-
-
-@dataclass(frozen=True)
-class PassSpec:
-    """Everything a worker needs for one pass; sent by the driver as the train loop's config."""
-
-    config: dict
-    pass_name: str  # head | finetune
-    plans: dict[int, DatasetPlan]  # by number of workers: one, or one per world size an elastic pass may get
-    init_model: str | None  # finetune: the model.keras to start from
-    progress: Any = None  # a ray.util.queue.Queue the driver prints from; every worker posts when it starts
-    world_size: int | None = None  # set on the workers, to the size of the worker group they are in
-
-    @property
-    def plan(self) -> DatasetPlan:
-        """The plan for this worker group's size (on the driver, the largest's: the classes are the same)."""
-        return self.plans[self.world_size or max(self.plans)]
-
-    @cached_property
-    def cfg(self) -> Config:
-        return from_dict(self.config)
-
-    @property
-    def epochs(self) -> int:
-        return self.cfg.pass_settings(self.pass_name).epochs
-
-    @property
-    def learning_rate(self) -> float:
-        return self.cfg.pass_settings(self.pass_name).learning_rate
-
-    @property
-    def batch_size(self) -> int:
-        return self.cfg.pass_settings(self.pass_name).batch_size
+from transfer.pass_spec import PassSpec
 
 
 def build_pass_model(spec: PassSpec, backbone_weights: str) -> tf.keras.Model:

@@ -11,20 +11,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
-from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from transfer import export, storage
 from transfer.checkpoint import STATE, restore
 from transfer.config import Config
+from transfer.controller import PostController, PostEpochs, StopOnUserError
 from transfer.data.parquet import MAX_EXAMPLES
 from transfer.data.plan import DatasetPlan
 from transfer.errors import Interrupted, TrainingError, TransferError
 from transfer.job import Echo, finetune_start, workers
-from transfer.train_loop import PassSpec, build_pass_model, train_loop_per_worker
+from transfer.pass_spec import PassSpec
+from transfer.train_loop import build_pass_model, train_loop_per_worker
 
 CONTROLLER_POLL_S = 0.2  # read by Ray Train's controller from the driver's environment
 STOP_TIMEOUT_S = 30  # how long a stopped pass waits for its workers to go: within Kubernetes' default grace period
@@ -107,41 +108,6 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
     export.write_export(model, plan.classes, cfg.to_yaml(), metrics, export_uri)
     echo(f"{pass_name}: exported to {shown_uri}")
     return {"status": "trained", "export": shown_uri, "final": history[-1]}
-
-
-class PostEpochs(UserCallback):
-    """Runs in the Ray Train controller: posts an epoch once its checkpoint is registered, so an epoch the driver
-    prints is one that a restart resumes after."""
-
-    def __init__(self, queue: Queue):
-        self.queue = queue
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        self.queue.put({**metrics[0], "event": "epoch"})  # rank 0's: its metrics are global (MWMS reduces them)
-
-
-class StopOnUserError(UserCallback):
-    """Runs in the Ray Train controller: a worker that raised the user's own error (a bad record with
-    `bad_records: fail`, a shard with no usable row) ends the run at once. The same data fails the same way on
-    every retry, so restarting the worker group `max_failures` times would only delay the message."""
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        for error in worker_exceptions.values():
-            cause = getattr(error, "cause", error)
-            if isinstance(cause, TransferError):
-                raise cause  # Ray Train does not retry a controller callback's error
-
-
-class PostController(ControllerCallback):
-    """Runs in the Ray Train controller: posts its own actor handle, so the driver can abort the run on a signal.
-    The trainer creates the controller unnamed, inside fit(), which runs in a thread: Ray Train's own SIGINT
-    handler (main thread only) is not installed, and the driver has no other way to reach it."""
-
-    def __init__(self, queue: Queue):
-        self.queue = queue
-
-    def after_controller_start(self, train_run_context) -> None:
-        self.queue.put({"event": "controller", "actor": ray.get_runtime_context().current_actor})
 
 
 @contextmanager
