@@ -76,8 +76,8 @@ class LocalCluster:
         self.private.append(process)
         return process
 
-    def job(self, *args: str) -> Job:
-        return Job(*args, env={**os.environ, "RAY_ADDRESS": self.address})
+    def job(self, *args: str, **env: str) -> Job:
+        return Job(*args, env={**os.environ, "RAY_ADDRESS": self.address, **env})
 
     def shutdown(self) -> None:
         for process in self.private:
@@ -167,7 +167,10 @@ def test_an_elastic_pass_finishes_on_the_workers_left_after_a_node_is_lost_for_g
         "elastic",
         scaling={"num_workers": [1, 2], "max_failures": 3},
     )
-    job = cluster.job(config, "--pass", "head", "--set", "head.epochs=4")
+    # After a loss, Ray's elastic policy first tries the old size on stale resource counts, and waits for its
+    # placement group this long (60 s by default) before trying fewer workers. A group's placement group is ready in
+    # milliseconds when its nodes are there.
+    job = cluster.job(config, "--pass", "head", "--set", "head.epochs=4", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="10")
     job.wait_for("head: 2 workers on 2 nodes")
     job.wait_for("head epoch 1/4")
     cluster.remove_worker_node()
