@@ -36,7 +36,9 @@ def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Ech
     if plan.left_out:
         echo(f"data: {len(plan.left_out)} rows left out, for example {plan.left_out[0]}")
     done = {pass_name: finished_pass(cfg, pass_name) for pass_name in passes}
-    if not done.get("finetune", True) and done.get("head", True):  # its start exists already: check it now
+    head_trains = "head" in passes and not done["head"]
+    if "finetune" in passes and not done["finetune"] and (cfg.finetune.init_from or not head_trains):
+        # Its start exists already (not an export this job is about to write): checked before Ray starts.
         export.check_complete(finetune_start(cfg), "finetune.init_from")
     if not all(done.values()):  # a rerun of a finished job (a DAG task's retry) starts neither TensorFlow nor Ray
         import_tensorflow(verbose)

@@ -44,7 +44,8 @@ def build_pass_model(spec: PassSpec, backbone_weights: str) -> tf.keras.Model:
 
 def train_loop_per_worker(spec: PassSpec) -> None:
     """One worker's pass, top to bottom: strategy -> model -> input -> fit, checkpointing every epoch."""
-    spec = dataclasses.replace(spec, world_size=_world_size())  # an elastic pass plans for the size it got
+    # An elastic pass plans for the size of the worker group it got.
+    spec = dataclasses.replace(spec, world_size=ray.train.get_context().get_world_size())
     cfg = spec.cfg
     start_tensorflow(cfg)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
@@ -63,11 +64,11 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         trained.optimizer.build(trained.trainable_variables)
     history = restore(trained, ray.train.get_checkpoint(), trained.optimizer)["history"]
     if rank == 0 and spec.progress is not None:
-        spec.progress.put({"event": "start", "pass": spec.pass_name, "epoch": len(history), "group": worker_group()})
+        spec.progress.put({"event": "start", "pass": spec.pass_name, "epoch": len(history)})
 
     bad = BadRecords(cfg.data.bad_records)
     steps = spec.plan.steps_per_epoch(spec.batch_size)
-    callback = CheckpointEachEpoch(spec, history, rank, steps * spec.batch_size * _world_size(), strategy, bad)
+    callback = CheckpointEachEpoch(spec, history, rank, steps * spec.batch_size * spec.world_size, strategy, bad)
     try:
         reader = ShardReader(spec, bad)
         trained.fit(
@@ -224,7 +225,7 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         row["images_per_s"] = self.images_per_epoch / (self.train_seconds or seconds)
         row["seconds"] = seconds
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        row["world_size"] = _world_size()
+        row["world_size"] = self.spec.world_size
         # Each bad record once, in the epoch that first met it: the pipeline reads ahead into the next epoch,
         # and every later epoch skips the same records again.
         found = self._sum_over_workers(len(self.bad.found))
@@ -244,10 +245,6 @@ class CheckpointEachEpoch(tf.keras.callbacks.Callback):
         """An all-reduce of one number; every rank calls it at the same point of every epoch."""
         per_replica = self.strategy.run(lambda: tf.constant(value, tf.int64))
         return int(self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
-
-
-def _world_size() -> int:
-    return ray.train.get_context().get_world_size()
 
 
 def worker_group() -> str:

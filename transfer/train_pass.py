@@ -50,9 +50,7 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
 
     init_model = None
     if pass_name == "finetune":
-        init_uri = finetune_start(cfg)
-        export.check_complete(init_uri, "finetune.init_from")
-        init_model = storage.join(init_uri, export.MODEL)
+        init_model = storage.join(finetune_start(cfg), export.MODEL)  # checked by run_job, when it already existed
     progress = Progress(pass_name, cfg.scaling.max_failures, echo)
     spec = PassSpec(cfg.to_dict(), pass_name, plans, init_model, progress=progress.queue)
     plan = spec.plan
