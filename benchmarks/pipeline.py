@@ -8,12 +8,15 @@ The same Parquet files of JPEG bytes (photo-like images, see `photo_like`) at ea
   plain_reduced  the same, but libjpeg decodes at the largest DCT scale 1/r (r in 8, 4, 2, 1) that keeps both
                  sides at least r times the target's: the fair baseline for what the job's pipeline does
   pipeline       the job's own worker pipeline, transfer.data.pipeline.make_dataset, on a 1-worker plan
+  pipeline_tcmalloc  the same on tcmalloc (LD_PRELOAD), as the job's workers run where it is installed
+                 (apt-get install libtcmalloc-minimal4; the cluster image has it)
 Each measurement is a fresh process pinned to 1 or 2 cores (os.sched_setaffinity), with TensorFlow's
 intra/inter-op pools and tf.data parallelism sized to that many threads, as a Ray worker with cpus_per_worker=N.
-It times one full pass after a warm-up batch and reports images/s and the process's peak RSS. Repeats
-alternate the contenders' order; the table and the JSON give medians, the ratios, and the project's goals.
+It times one pass's worth of batches of an endless training input (plain: .repeat()) after 4 warm-up batches,
+and reports images/s, CPU ms per image and the process's peak RSS. Repeats alternate the contenders' order; the
+table and the JSON give medians, the ratios, and the project's goals.
 The generated data is made once (~1.5 min on 2 cores) and cached in <TRANSFER_CACHE_DIR or ~/.cache/transfer>/
-bench-pipeline/; a run of the defaults then takes ~6-8 min on 2 cores. Run it alone on the machine: anything
+bench-pipeline/; a run of the defaults then takes ~9-11 min on 2 cores. Run it alone on the machine: anything
 else on the same cores distorts every number (the load average before and after is recorded).
 """
 
@@ -45,10 +48,14 @@ if REPO not in sys.path:
     sys.path.append(REPO)
 
 from benchmarks.cached import cache_folder, in_fresh_process, made_once  # noqa: E402  (after the repo is on the path)
+from transfer import allocator  # noqa: E402  (TensorFlow-free)
 
-CONTENDERS = ("plain_full", "plain_reduced", "pipeline")
+CONTENDERS = ("plain_full", "plain_reduced", "pipeline", "pipeline_tcmalloc")
+PIPELINES = ("pipeline", "pipeline_tcmalloc")
 TARGET = (224, 224)
 BATCH = 32
+WARM_UP_BATCHES = 4
+SHUFFLE_BUFFER = 4 * BATCH  # the pipeline's: small, so the warm-up does not decode the dataset several times
 QUALITY = 90
 CLASSES = ("cat", "dog", "fox", "owl")
 # ~1.5 s of a plain decode per measurement on one core here (more for a slower pipeline), ~6 min in all
@@ -188,19 +195,25 @@ def measure(contender: str, data: str, cpus: int) -> dict:
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
     tf.config.threading.set_inter_op_parallelism_threads(cpus)
     extra: dict = {}
-    if contender == "pipeline":
+    if contender in PIPELINES:
         ds, extra = _job_pipeline(data, cpus)
+        extra["allocator"] = allocator.in_this_process()
     else:
-        ds = _plain(data, cpus, reduced=contender == "plain_reduced")
-    for images, _ in ds.take(1):  # warm-up: traces the functions, starts the pools, opens the files
-        # A sanity check (the pipeline may order rows differently: means agree roughly, not exactly).
-        first_batch_mean = float(tf.reduce_mean(tf.cast(images, tf.float32)))
-        dtype, shape = images.dtype.name, list(images.shape[1:])
-    start = time.perf_counter()
+        ds = _plain(data, cpus, reduced=contender == "plain_reduced").repeat()
+    import pyarrow.dataset
+
+    pass_batches = pyarrow.dataset.dataset(data).count_rows() // BATCH
+    batches = iter(ds)
+    for _ in range(WARM_UP_BATCHES):  # traces the functions, starts the pools, opens the files, fills the buffers
+        images, _ = next(batches)
+    # A sanity check (the pipeline orders rows differently: means agree roughly, not exactly).
+    first_batch_mean = float(tf.reduce_mean(tf.cast(images, tf.float32)))
+    dtype, shape = images.dtype.name, list(images.shape[1:])
+    start, cpu_start = time.perf_counter(), time.process_time()
     rows = 0
-    for images, _ in ds:
-        rows += int(images.shape[0])
-    seconds = time.perf_counter() - start
+    for _ in range(pass_batches):  # one pass's worth, in the steady state of an endless training input
+        rows += int(next(batches)[0].shape[0])
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {
         "contender": contender,
         "cpus": cpus,
@@ -208,6 +221,7 @@ def measure(contender: str, data: str, cpus: int) -> dict:
         "rows": rows,
         "seconds": seconds,
         "images_per_s": rows / seconds,
+        "cpu_ms_per_image": 1000 * cpu_seconds / rows,  # all the process's threads: what an image costs
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "first_batch_mean": first_batch_mean,
         "image_dtype": dtype,
@@ -273,7 +287,8 @@ def _job_pipeline(data: str, cpus: int) -> tuple[tf.data.Dataset, dict]:
         "label",
         TARGET,
         BATCH,
-        training=False,
+        training=True,
+        shuffle_buffer=SHUFFLE_BUFFER,
         **kwargs,
     )
     with open(job_pipeline.__file__, "rb") as f:
@@ -288,6 +303,8 @@ def _job_pipeline(data: str, cpus: int) -> tuple[tf.data.Dataset, dict]:
 def run_one(contender: str, data: str, cpus: int) -> dict:
     """One measurement in a fresh process; a failure comes back as a record, so the others still run."""
     env = {"TF_CPP_MIN_LOG_LEVEL": "3", "OMP_NUM_THREADS": str(cpus)}  # Ray: OMP = the worker's CPUs
+    if contender == "pipeline_tcmalloc":  # as the job's workers run where tcmalloc is installed
+        env |= allocator.worker_env(None)
     result = in_fresh_process(__file__, {"contender": contender, "data": data, "cpus": cpus}, env, timeout=600)
     return {"contender": contender, "cpus": cpus, **result} if "error" in result else result
 
@@ -335,10 +352,13 @@ def main() -> None:
     load_before = os.getloadavg()
     if load_before[0] > 0.5:  # two cores: any other work on them distorts every number below
         print(f"warning: load average {load_before[0]:.2f} before the run; is something else running?", flush=True)
+    if not allocator.tcmalloc_path():
+        raise SystemExit("no tcmalloc on this machine for pipeline_tcmalloc: apt-get install libtcmalloc-minimal4")
     runs: dict[str, list[dict]] = {key(s, c, n): [] for s in sizes for c in cpu_counts for n in CONTENDERS}
     started = time.time()
     for repeat in range(args.repeats):
-        order = CONTENDERS[repeat % 3 :] + CONTENDERS[: repeat % 3]  # each contender goes first in turn
+        turn = repeat % len(CONTENDERS)
+        order = CONTENDERS[turn:] + CONTENDERS[:turn]  # each contender goes first in turn
         for size in sizes:
             for cpus in cpu_counts:
                 for contender in order:
@@ -383,16 +403,20 @@ def summarize(runs: dict, sizes: list[int], cpu_counts: list[int], datasets: dic
         return a / b if a is not None and b else None
 
     medians = {
-        k: {f: median(*split_key(k), f) for f in ("images_per_s", "peak_rss_mb", "seconds", "first_batch_mean")}
+        k: {
+            f: median(*split_key(k), f)
+            for f in ("images_per_s", "cpu_ms_per_image", "peak_rss_mb", "seconds", "first_batch_mean")
+        }
         for k in runs
     }
     ips = {k: m["images_per_s"] for k, m in medians.items()}
     ratios: dict[str, float | None] = {}
     for s in sizes:
         for c in cpu_counts:
-            full, reduced, job = (ips[key(s, c, n)] for n in CONTENDERS)
-            ratios[f"{s}px/{c}cpu/pipeline_over_plain_full"] = ratio(job, full)
-            ratios[f"{s}px/{c}cpu/pipeline_over_plain_reduced"] = ratio(job, reduced)
+            full, reduced = ips[key(s, c, "plain_full")], ips[key(s, c, "plain_reduced")]
+            for p in PIPELINES:
+                ratios[f"{s}px/{c}cpu/{p}_over_plain_full"] = ratio(ips[key(s, c, p)], full)
+                ratios[f"{s}px/{c}cpu/{p}_over_plain_reduced"] = ratio(ips[key(s, c, p)], reduced)
             ratios[f"{s}px/{c}cpu/plain_reduced_over_plain_full"] = ratio(reduced, full)
         lo, hi = min(cpu_counts), max(cpu_counts)
         if hi > lo:
@@ -403,32 +427,31 @@ def summarize(runs: dict, sizes: list[int], cpu_counts: list[int], datasets: dic
         return {"goal": name, "value": value, "bound": bound, "met": value is not None and value >= bound}
 
     goals = []
-    for s in sizes:
-        for c in cpu_counts:
-            for base in ("plain_full", "plain_reduced"):
-                goals.append(
-                    goal(f"{s}px {c} CPU: pipeline / {base}", ratios[f"{s}px/{c}cpu/pipeline_over_{base}"], 0.9)
+    for p in PIPELINES:
+        for s in sizes:
+            for c in cpu_counts:
+                for base in ("plain_full", "plain_reduced"):
+                    goals.append(goal(f"{s}px {c} CPU: {p} / {base}", ratios[f"{s}px/{c}cpu/{p}_over_{base}"], 0.9))
+        if len(cpu_counts) > 1:
+            lo, hi = min(cpu_counts), max(cpu_counts)
+            goals += [
+                goal(f"{s}px: {p} {hi} CPUs / {lo} CPU", ratios[f"{s}px/{p}/{hi}cpu_over_{lo}cpu"], 1.7) for s in sizes
+            ]
+        if 1024 in sizes:
+            goals += [
+                goal(
+                    f"1024px {c} CPU: {p} / plain_full (a full-size decode)",
+                    ratios[f"1024px/{c}cpu/{p}_over_plain_full"],
+                    2.0,
                 )
-    if len(cpu_counts) > 1:
-        lo, hi = min(cpu_counts), max(cpu_counts)
-        goals += [
-            goal(f"{s}px: pipeline {hi} CPUs / {lo} CPU", ratios[f"{s}px/pipeline/{hi}cpu_over_{lo}cpu"], 1.7)
-            for s in sizes
-        ]
-    if 1024 in sizes:
-        goals += [
-            goal(
-                f"1024px {c} CPU: pipeline / plain_full (a full-size decode)",
-                ratios[f"1024px/{c}cpu/pipeline_over_plain_full"],
-                2.0,
-            )
-            for c in cpu_counts
-        ]
+                for c in cpu_counts
+            ]
     shas = sorted({r.get("pipeline_py_sha256") for rs in runs.values() for r in rs if r.get("pipeline_py_sha256")})
     return {
         "benchmark": "pipeline",
         "setup": {
-            "measured": "one full pass of one worker's input (decode, resize, batch) after a warm-up batch, "
+            "measured": "one pass's worth of batches of one worker's endless training input (read, decode, resize, "
+            "shuffle, batch) after 4 warm-up batches, "
             "nothing trained, each measurement in a fresh process pinned to N cores with TensorFlow's "
             "intra/inter-op pools and the plain contenders' num_parallel_calls set to N",
             "contenders": {
@@ -436,8 +459,10 @@ def summarize(runs: dict, sizes: list[int], cpu_counts: list[int], datasets: dic
                 ".batch(32).prefetch(AUTOTUNE)",
                 "plain_reduced": "the same with decode_jpeg(ratio=r), r the largest of 8/4/2/1 with both sides "
                 ">= r x 224",
-                "pipeline": "transfer.data.pipeline.make_dataset on a 1-worker plan of every row, training=False "
+                "pipeline": "transfer.data.pipeline.make_dataset on a 1-worker plan of every row, training=True "
                 "(reads the Parquet files in the timed pass; the plain contenders hold the bytes in memory)",
+                "pipeline_tcmalloc": "the same, with tcmalloc preloaded (LD_PRELOAD) as the job's workers run "
+                "where it is installed (transfer/allocator.py)",
             },
             "target": list(TARGET),
             "batch": BATCH,
@@ -487,19 +512,21 @@ def tables(report: dict, sizes: list[int], cpu_counts: list[int]) -> str:
     lines = [
         "images/s (median), 224x224 batches of 32",
         "",
-        "| source | CPUs | plain_full | plain_reduced | pipeline | pipeline / plain_full | pipeline / plain_reduced "
-        "| plain_reduced / plain_full |",
-        "|---|---|---|---|---|---|---|---|",
+        "| source | CPUs | "
+        + " | ".join(CONTENDERS)
+        + "".join(f" | {p} / plain_full | {p} / plain_reduced" for p in PIPELINES)
+        + " | plain_reduced / plain_full |",
+        "|---|---|" + "---|" * (len(CONTENDERS) + 2 * len(PIPELINES) + 1),
     ]
     for s in sizes:
         for c in cpu_counts:
             ips = [m[key(s, c, n)]["images_per_s"] for n in CONTENDERS]
+            over = [r[f"{s}px/{c}cpu/{p}_over_{base}"] for p in PIPELINES for base in ("plain_full", "plain_reduced")]
             lines.append(
                 f"| {source(s)} | {c} | "
                 + " | ".join(cell(v) for v in ips)
-                + f" | {cell(r[f'{s}px/{c}cpu/pipeline_over_plain_full'], 2, 'x')}"
-                f" | {cell(r[f'{s}px/{c}cpu/pipeline_over_plain_reduced'], 2, 'x')}"
-                f" | {cell(r[f'{s}px/{c}cpu/plain_reduced_over_plain_full'], 2, 'x')} |"
+                + "".join(f" | {cell(v, 2, 'x')}" for v in over)
+                + f" | {cell(r[f'{s}px/{c}cpu/plain_reduced_over_plain_full'], 2, 'x')} |"
             )
     lo, hi = min(cpu_counts), max(cpu_counts)
     scaled = hi > lo

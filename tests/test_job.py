@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, run_cli, write_config
+from transfer import allocator
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,46 @@ def test_both_passes_learn_well_above_chance(finished_run):
     head, finetune = passes["head"]["final"], passes["finetune"]["final"]
     # 5 classes: chance is 0.2.
     assert head["val_accuracy"] >= 0.7
-    assert finetune["val_accuracy"] >= head["val_accuracy"] - 0.05
+    assert finetune["val_accuracy"] >= head["val_accuracy"] - 0.05  # what fine-tuning changed: the test below
+
+
+def test_finetuning_changes_the_unfrozen_backbone_layers_and_no_others(finished_run):
+    from transfer import export
+    from transfer.model import BACKBONE_LAYER, CLASSIFIER_LAYER
+
+    def weights(pass_name: str) -> dict[str, list]:
+        model = export.load_model(str(finished_run["run"] / "export" / pass_name))
+        layers = [*model.get_layer(BACKBONE_LAYER).layers, model.get_layer(CLASSIFIER_LAYER)]
+        return {layer.name: [w.numpy() for w in layer.weights] for layer in layers if layer.weights}
+
+    head, finetune = weights("head"), weights("finetune")
+    changed = {name for name in head if any((h != f).any() for h, f in zip(head[name], finetune[name], strict=True))}
+    # finetune.unfreeze is block3_conv: it and the layers above train, but for BatchNormalization, kept frozen.
+    assert changed == {"block3_conv", "block4_conv", CLASSIFIER_LAYER}
+
+
+def test_each_export_evaluates_every_validation_row_per_class(finished_run):
+    from transfer.config import load_config
+    from transfer.job import plan_data
+
+    rows = 2 * plan_data(load_config(finished_run["config"]))[2].validation.rows_per_worker  # 2 workers' shards
+    classes = ["checker", "cross", "diamond", "dots", "ring"]
+    stdout = finished_run["result"].stdout
+    for pass_name in ("head", "finetune"):
+        export = finished_run["run"] / "export" / pass_name
+        evaluation = json.loads((export / "evaluation.json").read_text())
+        assert "evaluation.json" in json.loads((export / "manifest.json").read_text())["files"]
+        confusion = evaluation["confusion_matrix"]
+        assert evaluation["classes"] == classes and len(confusion) == 5 and all(len(row) == 5 for row in confusion)
+        assert evaluation["rows"] == rows == sum(map(sum, confusion))
+        assert [evaluation["per_class"][c]["support"] for c in classes] == [sum(row) for row in confusion]
+        # The same rows and weights as the last epoch's validation, counted another way: the same accuracy.
+        final = json.loads((export / "metrics.json").read_text())["final"]
+        assert evaluation["accuracy"] == pytest.approx(final["val_accuracy"], abs=1e-6)
+        assert evaluation["k"] == 2 and evaluation["top_k_accuracy"] >= evaluation["accuracy"]
+        assert f"{pass_name}: evaluated on {rows} validation rows: accuracy {evaluation['accuracy']:.3f}" in stdout
+        worst = min(classes, key=lambda c: (evaluation["per_class"][c]["f1"], c))
+        assert f"per class, worst first:\n  {worst}: f1 " in stdout
 
 
 def test_one_line_per_epoch_per_pass(finished_run):
@@ -60,6 +100,9 @@ def test_outputs_are_where_the_contract_says(finished_run):
         assert [row["epoch"] for row in metrics["history"]] == list(range(1, epochs + 1))
         assert [row["world_size"] for row in metrics["history"]] == [2] * epochs
         assert metrics["cluster"]["nodes"] == 1 and [w["rank"] for w in metrics["cluster"]["workers"]] == [0, 1]
+        # The workers run on tcmalloc where the machine has it (.ci/run installs it), else on glibc's malloc.
+        expected = "tcmalloc" if allocator.tcmalloc_path() else "system"
+        assert [w["allocator"] for w in metrics["cluster"]["workers"]] == [expected] * 2
         assert metrics["final"] == metrics["history"][-1]
         assert json.loads((export / "labels.json").read_text()) == ["checker", "cross", "diamond", "dots", "ring"]
         checkpoints = [p for p in (run / pass_name).iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
@@ -72,7 +115,7 @@ import numpy as np, pyarrow.parquet as pq, tensorflow as tf
 export, data = sys.argv[1], sys.argv[2]
 model = tf.keras.models.load_model(export + "/model.keras")
 classes = json.load(open(export + "/labels.json"))
-table = pq.read_table(data).slice(0, 100)
+table = pq.read_table(data)
 decode = lambda b: tf.image.resize(tf.io.decode_jpeg(b, channels=3), (64, 64)).numpy()
 images = np.stack([decode(b) for b in table["image"].to_pylist()])
 scores = model.predict(images, verbose=0)
@@ -84,9 +127,13 @@ print(json.dumps({"accuracy": accuracy, "agree": float(np.mean(served.argmax(axi
 """
 
 
-def test_export_loads_and_predicts_class_names_in_a_fresh_process(finished_run, assets):
+def test_export_loads_and_predicts_class_names_in_a_fresh_process(finished_run, tmp_path):
+    from transfer import demo
+
     export = finished_run["run"] / "export" / "finetune"
-    data = os.path.join(assets["train"], "part-000.parquet")
+    # Rows the model never trained on: new images of the same classes (another seed than the assets').
+    demo.write_parquet_dataset(str(tmp_path / "held_out"), per_class=20, seed=11, files=((1.0, 50),))
+    data = str(tmp_path / "held_out" / "part-000.parquet")
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
         [sys.executable, "-c", PREDICT, str(export), data], capture_output=True, text=True, env=env, cwd=REPO

@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import TYPE_CHECKING
 
-from transfer import storage
+from transfer import evaluation, storage
 from transfer.errors import DataError
 
 if TYPE_CHECKING:
@@ -24,14 +24,24 @@ MANIFEST = "manifest.json"
 MODEL = "model.keras"
 
 
-def write_export(model: tf.keras.Model, classes: list[str], config_yaml: str, metrics: dict, location: str) -> None:
-    """Writes the export to `location`, replacing any earlier one; a crash midway leaves no manifest."""
+def write_export(
+    model: tf.keras.Model,
+    classes: list[str],
+    config_yaml: str,
+    metrics: dict,
+    location: str,
+    report: dict | None = None,
+) -> None:
+    """Writes the export to `location`, replacing any earlier one; a crash midway leaves no manifest.
+    `report`: the pass's evaluation (transfer.evaluation), as evaluation.json."""
     with tempfile.TemporaryDirectory(prefix="transfer-export-") as local:
         model.save(os.path.join(local, MODEL))
         with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every endpoint's signature
             model.export(os.path.join(local, "saved_model"))
         _write_json(os.path.join(local, "labels.json"), classes)
         _write_json(os.path.join(local, "metrics.json"), metrics)
+        if report is not None:
+            _write_json(os.path.join(local, evaluation.FILE), report)
         with open(os.path.join(local, "config.yaml"), "w") as f:
             f.write(config_yaml)
         manifest = {"files": _describe(local)}

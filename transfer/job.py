@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from transfer import export, storage
+from transfer import allocator, export, storage
 from transfer.config import Config
 from transfer.data import images, parquet
 from transfer.data.plan import DatasetPlan, plan_dataset
@@ -140,7 +140,7 @@ def connect_ray(verbose: bool, echo: Echo = print) -> None:
     if ray.is_initialized():
         return
     address = ray_address(echo)
-    env_vars = {"TF_USE_LEGACY_KERAS": "1"}
+    env_vars = {"TF_USE_LEGACY_KERAS": "1", **allocator.worker_env(os.environ.get("RAY_ADDRESS"))}
     if not verbose:
         env_vars["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
     # Submitted as a Ray job: Ray refuses to merge the job's runtime env with ours where both set a variable.

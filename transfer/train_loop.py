@@ -12,10 +12,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import numpy as np
 import ray.train
 import tensorflow as tf
 
-from transfer import checkpoint, storage
+from transfer import allocator, checkpoint, evaluation, storage
 from transfer.checkpoint import restore
 from transfer.config import Config
 from transfer.data.cache import RowCache, inference
@@ -71,16 +72,21 @@ def train_loop_per_worker(spec: PassSpec) -> None:
     callback = CheckpointEachEpoch(spec, history, rank, steps * spec.batch_size * spec.world_size, strategy, bad)
     try:
         reader = ShardReader(spec, bad)
+        validation = inputs.validation(reader, rank)  # once: the epochs and the evaluation share its cache
         trained.fit(
             strategy.distribute_datasets_from_function(inputs.train(reader, rank)),
             epochs=spec.epochs,
             initial_epoch=len(history),
             steps_per_epoch=steps,
-            validation_data=strategy.distribute_datasets_from_function(inputs.validation(reader, rank)),
+            validation_data=strategy.distribute_datasets_from_function(validation),
             validation_steps=spec.plan.validation_steps(spec.batch_size),
             callbacks=[callback],
             verbose=0,
         )
+        confusion, top_k_hits = count_predictions(trained, validation(None), len(spec.plan.classes), strategy)
+        if rank == 0 and spec.progress is not None:
+            evaluated = {"confusion": confusion.tolist(), "top_k_hits": top_k_hits}
+            spec.progress.put({"event": "evaluation", "pass": spec.pass_name, **evaluated})
     except Exception:
         # The pipeline stopped on a bad record (reading, caching or training): say which, not TensorFlow's wrapper.
         if bad.error is not None:
@@ -89,6 +95,24 @@ def train_loop_per_worker(spec: PassSpec) -> None:
 
 
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+
+
+def count_predictions(
+    model: tf.keras.Model, validation: tf.data.Dataset, num_classes: int, strategy: tf.distribute.Strategy
+) -> tuple[np.ndarray, int]:
+    """The confusion matrix (rows: true class) and top-k hits of the trained model over every worker's
+    validation rows, each row once: each worker counts its own rows, then one all-reduce sums them."""
+    k = evaluation.top_k(num_classes)
+    counts = np.zeros(num_classes * num_classes + 1, np.int64)  # the matrix, row by row, then the top-k hits
+    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)  # the last batch is short
+    for x, y in validation:
+        scores, truth = predict(x).numpy(), y.numpy()
+        np.add.at(counts, truth * num_classes + scores.argmax(axis=1), 1)
+        ranked = np.argsort(-scores, axis=1)[:, :k]
+        counts[-1] += int((ranked == truth[:, None]).any(axis=1).sum())
+    summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(counts)), axis=None)
+    summed = summed.numpy()
+    return summed[:-1].reshape(num_classes, num_classes), int(summed[-1])
 
 
 class ShardReader:
@@ -262,6 +286,7 @@ def where_this_worker_runs() -> dict:
         "world_size": context.get_world_size(),
         "node_id": ray.get_runtime_context().get_node_id(),
         "hostname": socket.gethostname(),
+        "allocator": allocator.in_this_process(),
     }
 
 

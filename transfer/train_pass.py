@@ -16,7 +16,7 @@ from ray.train.tensorflow import TensorflowTrainer
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from transfer import export, storage
+from transfer import evaluation, export, storage
 from transfer.checkpoint import STATE, restore
 from transfer.config import Config
 from transfer.controller import PostController, PostEpochs, StopOnUserError
@@ -103,7 +103,13 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
             "examples": (plan.left_out + bad["examples"])[:MAX_EXAMPLES],
         },
     }
-    export.write_export(model, plan.classes, cfg.to_yaml(), metrics, export_uri)
+    counted = progress.evaluation
+    if counted is None:
+        raise TrainingError(f"{pass_name}: the workers ended without evaluating the model")
+    report = evaluation.report(pass_name, plan.classes, counted["confusion"], counted["top_k_hits"])
+    export.write_export(model, plan.classes, cfg.to_yaml(), metrics, export_uri, report)
+    for line in evaluation.summary_lines(report):
+        echo(line)
     echo(f"{pass_name}: exported to {shown_uri}")
     return {"status": "trained", "export": shown_uri, "final": history[-1]}
 
@@ -146,13 +152,14 @@ class Progress:
         self.controller = None  # the Ray Train controller's actor handle, once PostController posts it
         self.groups: dict[str, dict[int, dict]] = {}  # per start of the worker group, its workers by rank
         self.last_group: str | None = None  # the group that reported the latest epoch
+        self.evaluation: dict | None = None  # rank 0's counts over the validation rows, once the pass has trained
 
     def cluster(self) -> dict:
         """Where the workers of the group that trained the last epoch ran."""
         workers = sorted(self.groups.get(self.last_group, {}).values(), key=lambda w: w["rank"])
         return {
             "nodes": len({w["node_id"] for w in workers}),
-            "workers": [{k: w[k] for k in ("rank", "node_id", "hostname")} for w in workers],
+            "workers": [{k: w[k] for k in ("rank", "node_id", "hostname", "allocator")} for w in workers],
         }
 
     def handle(self, event: dict) -> None:
@@ -176,6 +183,8 @@ class Progress:
                 )
             elif event["epoch"]:
                 self.echo(f"{name}: resuming after epoch {event['epoch']} from its latest checkpoint")
+        elif event["event"] == "evaluation":
+            self.evaluation = event
         elif event["event"] == "cache":
             self.echo(f"{name}: {event['what']} in {event['seconds']:.1f} s, cached in {event['where']}")
         else:
