@@ -33,3 +33,15 @@ def test_summary_puts_the_worst_class_first_and_names_the_most_confused_pair():
 
 def test_top_k_is_5_beyond_5_classes():
     assert [evaluation.top_k(n) for n in (2, 3, 5, 6, 1000)] == [1, 1, 2, 5, 5]
+
+
+def test_a_confusion_picture_of_many_classes_shows_those_with_the_most_errors():
+    import numpy as np
+
+    from transfer import pictures
+
+    confusion = np.diag(np.full(80, 10))
+    confusion[3, 70] = confusion[75, 5] = 4  # 3 taken for 70, 75 for 5
+    shown = pictures.classes_shown(confusion)
+    assert len(shown) == pictures.MOST_CLASSES and {3, 5, 70, 75} <= set(shown.tolist())
+    assert list(shown) == sorted(shown) and list(pictures.classes_shown(np.eye(7))) == list(range(7))

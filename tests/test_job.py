@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from tests.conftest import REPO, run_cli, write_config
 from transfer import allocator
@@ -22,7 +24,10 @@ def summary_of(result: subprocess.CompletedProcess) -> dict:
 def finished_run(assets, tmp_path_factory):
     """Both passes of a small run; its stdout and where it left its outputs."""
     root = tmp_path_factory.mktemp("job")
-    config = write_config(root / "job.yaml", assets, storage=str(root / "runs"), name="shapes")
+    # Progress lines at every batch, not every 30 s: these phases take a second.
+    config = write_config(
+        root / "job.yaml", assets, storage=str(root / "runs"), name="shapes", run={"progress_every_s": 0}
+    )
     result = run_cli(config)
     return {"config": config, "result": result, "summary": summary_of(result), "run": root / "runs" / "shapes"}
 
@@ -60,7 +65,11 @@ def test_each_export_evaluates_every_validation_row_per_class(finished_run):
     for pass_name in ("head", "finetune"):
         export = finished_run["run"] / "export" / pass_name
         evaluation = json.loads((export / "evaluation.json").read_text())
-        assert "evaluation.json" in json.loads((export / "manifest.json").read_text())["files"]
+        files = json.loads((export / "manifest.json").read_text())["files"]
+        assert {"evaluation.json", "confusion_matrix.png", "learning_curves.png"} <= set(files)
+        for picture in ("confusion_matrix.png", "learning_curves.png"):
+            with Image.open(export / picture) as image:
+                assert image.format == "PNG" and image.width >= 400 and image.height >= 300
         confusion = evaluation["confusion_matrix"]
         assert evaluation["classes"] == classes and len(confusion) == 5 and all(len(row) == 5 for row in confusion)
         assert evaluation["rows"] == rows == sum(map(sum, confusion))
@@ -88,6 +97,12 @@ def test_one_line_per_epoch_per_pass(finished_run):
     # The frozen backbone ran once per image, not once per epoch; fine-tuning decoded its validation images once.
     assert any(line.startswith(f"head: backbone features of {train} images per worker computed in") for line in lines)
     assert any(line.startswith(f"finetune: {val} validation images per worker decoded once in") for line in lines)
+    # How far a long phase is, as it goes: the features per worker, an epoch in images of both workers.
+    assert any(re.fullmatch(rf"head: backbone features of images per worker: \d+/{train} images, .*", s) for s in lines)
+    epoch = 2 * 16 * plan.steps_per_epoch(16)
+    assert any(
+        re.fullmatch(rf"finetune: epoch 2/2: \d+/{epoch:,} images, \d+ images/s, \d+:\d\d left", s) for s in lines
+    )
 
 
 def test_outputs_are_where_the_contract_says(finished_run):

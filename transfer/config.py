@@ -37,6 +37,7 @@ class Run:
     name: str = "demo"
     storage: str = "runs"  # local path or URI; <storage>/<name>/ holds checkpoints and exports
     checkpoints_to_keep: int = 2
+    progress_every_s: float = 30.0  # a line on how far a long phase (features, an epoch) is, this often
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,7 @@ def _check_values(c: Config, source: str) -> None:
     if not c.run.storage:
         fail("run.storage", "must be a local path or a URI")
     at_least("run.checkpoints_to_keep", c.run.checkpoints_to_keep, 1)
+    at_least("run.progress_every_s", c.run.progress_every_s, 0)
     if not c.data.train:
         fail("data.train", "required: a Parquet file, folder or glob")
     one_of("data.format", c.data.format, ("parquet", "images"))

@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import TYPE_CHECKING
 
-from transfer import evaluation, storage
+from transfer import evaluation, pictures, storage
 from transfer.errors import DataError
 
 if TYPE_CHECKING:
@@ -31,9 +31,13 @@ def write_export(
     metrics: dict,
     location: str,
     report: dict | None = None,
+    curves: list[tuple[str, list[dict]]] | None = None,
 ) -> None:
     """Writes the export to `location`, replacing any earlier one; a crash midway leaves no manifest.
-    `report`: the pass's evaluation (transfer.evaluation), as evaluation.json."""
+
+    `report`: the pass's evaluation (transfer.evaluation), as evaluation.json and confusion_matrix.png;
+    `curves`: (pass, history) of this pass and the ones it continues, as learning_curves.png.
+    """
     with tempfile.TemporaryDirectory(prefix="transfer-export-") as local:
         model.save(os.path.join(local, MODEL))
         with contextlib.redirect_stdout(io.StringIO()):  # Keras prints every endpoint's signature
@@ -42,6 +46,9 @@ def write_export(
         _write_json(os.path.join(local, "metrics.json"), metrics)
         if report is not None:
             _write_json(os.path.join(local, evaluation.FILE), report)
+            pictures.confusion_matrix_png(report, os.path.join(local, pictures.CONFUSION))
+        if curves:
+            pictures.learning_curves_png(curves, os.path.join(local, pictures.CURVES))
         with open(os.path.join(local, "config.yaml"), "w") as f:
             f.write(config_yaml)
         manifest = {"files": _describe(local)}

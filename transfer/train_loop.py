@@ -80,7 +80,7 @@ def train_loop_per_worker(spec: PassSpec) -> None:
             steps_per_epoch=steps,
             validation_data=strategy.distribute_datasets_from_function(validation),
             validation_steps=spec.plan.validation_steps(spec.batch_size),
-            callbacks=[callback],
+            callbacks=[callback, EpochProgress(spec, rank, steps)],
             verbose=0,
         )
         confusion, top_k_hits = count_predictions(trained, validation(None), len(spec.plan.classes), strategy)
@@ -164,9 +164,10 @@ class Images:
 
     def validation(self, reader: ShardReader, rank: int) -> DatasetFn:
         split, cfg = self.spec.plan.validation, self.spec.cfg
+        progress = PhaseProgress(self.spec, rank, "validation images decoded per worker", split.rows_per_worker)
         cache = RowCache(
             reader.images(split, rank, training=False), split.rows_per_worker, cfg.data.validation_cache_mb,
-            dtype="uint8",
+            dtype="uint8", on_rows=progress.update,
         )  # fmt: skip
         _post_cache(self.spec, rank, f"{len(cache.labels)} validation images per worker decoded once", cache)
         return lambda context: cache.dataset(self.spec.batch_size, training=False, seed=cfg.data.seed + rank)
@@ -199,11 +200,49 @@ class CachedFeatures:
     def _features(self, reader: ShardReader, rank: int, split: Split, training: bool) -> DatasetFn:
         cfg = self.spec.cfg
         images = reader.images(split, rank, training=False)  # every row once, in order
-        cache = RowCache(images, split.rows_per_worker, cfg.head.feature_cache_mb, transform=self.extract)
         which = "" if training else "validation "
+        progress = PhaseProgress(
+            self.spec, rank, f"backbone features of {which}images per worker", split.rows_per_worker
+        )
+        cache = RowCache(
+            images, split.rows_per_worker, cfg.head.feature_cache_mb, transform=self.extract, on_rows=progress.update
+        )
         what = f"backbone features of {len(cache.labels)} {which}images per worker computed"
         _post_cache(self.spec, rank, what, cache)
         return lambda context: cache.dataset(self.spec.batch_size, training, seed=cfg.data.seed + rank)
+
+
+class PhaseProgress:
+    """Tells the driver how far one worker's long phase is (rank 0's, every `run.progress_every_s`): the
+    workers' shards are equal, so rank 0's share is everyone's."""
+
+    def __init__(self, spec: PassSpec, rank: int, what: str, total: int):
+        self.spec, self.what, self.total = spec, what, total
+        self.posts = rank == 0 and spec.progress is not None
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if self.posts and done < self.total and now - self.last >= self.spec.cfg.run.progress_every_s:
+            self.last = now
+            event = {"what": self.what, "done": done, "total": self.total, "seconds": now - self.start}
+            self.spec.progress.put({"event": "progress", "pass": self.spec.pass_name, **event})
+
+
+class EpochProgress(tf.keras.callbacks.Callback):
+    """An epoch's PhaseProgress, in images of all workers. A cached-feature epoch runs as one call: no lines."""
+
+    def __init__(self, spec: PassSpec, rank: int, steps: int):
+        super().__init__()
+        self.spec, self.rank, self.steps = spec, rank, steps
+        self.images_per_step = spec.batch_size * spec.world_size
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        what = f"epoch {epoch + 1}/{self.spec.epochs}"
+        self.phase = PhaseProgress(self.spec, self.rank, what, self.steps * self.images_per_step)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.phase.update((batch + 1) * self.images_per_step)
 
 
 def _post_cache(spec: PassSpec, rank: int, what: str, cache: RowCache) -> None:

@@ -107,7 +107,8 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
     if counted is None:
         raise TrainingError(f"{pass_name}: the workers ended without evaluating the model")
     report = evaluation.report(pass_name, plan.classes, counted["confusion"], counted["top_k_hits"])
-    export.write_export(model, plan.classes, cfg.to_yaml(), metrics, export_uri, report)
+    curves = [*earlier_curves(cfg, pass_name), (pass_name, history)]
+    export.write_export(model, plan.classes, cfg.to_yaml(), metrics, export_uri, report, curves)
     for line in evaluation.summary_lines(report):
         echo(line)
     echo(f"{pass_name}: exported to {shown_uri}")
@@ -183,6 +184,8 @@ class Progress:
                 )
             elif event["epoch"]:
                 self.echo(f"{name}: resuming after epoch {event['epoch']} from its latest checkpoint")
+        elif event["event"] == "progress":
+            self.echo(format_progress(event))
         elif event["event"] == "evaluation":
             self.evaluation = event
         elif event["event"] == "cache":
@@ -237,6 +240,28 @@ class Progress:
         aborting.start()
         aborting.join(STOP_TIMEOUT_S)
         fit_thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def earlier_curves(cfg: Config, pass_name: str) -> list[tuple[str, list[dict]]]:
+    """The history of the export fine-tuning starts from, for its learning curves: (pass, history), or none."""
+    if pass_name != "finetune":
+        return []
+    try:
+        metrics = json.loads(storage.read_text(storage.join(finetune_start(cfg), "metrics.json")))
+        return [(metrics["pass"], metrics["history"])]
+    except (OSError, KeyError, ValueError):  # an init_from export of another tool: its curves are not ours to draw
+        return []
+
+
+def format_progress(event: dict) -> str:
+    """`head: epoch 3/10: 12,800/50,000 images, 410 images/s, 1:31 left`."""
+    done, total, seconds = event["done"], event["total"], event["seconds"]
+    rate = done / seconds if seconds > 0 else 0.0
+    left = int((total - done) / rate) if rate > 0 else 0
+    return (
+        f"{event['pass']}: {event['what']}: {done:,}/{total:,} images, {rate:.0f} images/s, "
+        f"{left // 60}:{left % 60:02d} left"
+    )
 
 
 def format_epoch(event: dict) -> str:

@@ -37,7 +37,9 @@ class RowCache:
         budget_mb: int,
         transform: Callable[[tf.Tensor], tf.Tensor] | None = None,
         dtype: str = "float32",
+        on_rows: Callable[[int], None] | None = None,
     ):
+        """`on_rows(done)`: called after each batch, with the rows filled so far."""
         start = time.monotonic()
         if transform is None:
             shape = tuple(batches.element_spec[0].shape[1:])
@@ -56,6 +58,8 @@ class RowCache:
             self.values[row : row + len(y)] = (transform(x) if transform is not None else x).numpy()
             self.labels[row : row + len(y)] = y.numpy()
             row += len(y)
+            if on_rows is not None:
+                on_rows(row)
         self.seconds = time.monotonic() - start
 
     def dataset(self, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
