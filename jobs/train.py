@@ -48,20 +48,20 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_job(cfg, passes, verbose=args.verbose)
     except KeyboardInterrupt:  # Ctrl-C outside a pass (a pass turns SIGINT into Interrupted itself)
         stopped = Interrupted(signal.SIGINT)
-        return _fail(args, stopped, stopped.exit_code, attempt, status="interrupted")
+        return fail(args, stopped, stopped.exit_code, attempt, status="interrupted")
     except Interrupted as e:
-        return _fail(args, e, e.exit_code, attempt, status="interrupted")
+        return fail(args, e, e.exit_code, attempt, status="interrupted")
     except TransferError as e:
-        return _fail(args, e, e.exit_code, attempt)
+        return fail(args, e, e.exit_code, attempt)
     except Exception as e:
-        return _fail(args, e, 1, attempt, prefix="training failed: ")
+        return fail(args, e, 1, attempt, prefix="training failed: ")
     for name, result in summary["passes"].items():
         print(f"{name}: val_accuracy {result['final']['val_accuracy']:.3f}, export at {result['export']}")
     print(json.dumps({"status": "succeeded", **summary}), flush=True)
     return 0
 
 
-def _fail(
+def fail(
     args: argparse.Namespace, error: Exception, exit_code: int, attempt: dict, prefix: str = "", status: str = "failed"
 ) -> int:
     """One line on stderr (the traceback too with --debug), and the JSON summary line on stdout."""

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -19,6 +23,40 @@ import transfer  # noqa: E402, F401  (selects tf-keras before TensorFlow loads)
 from tests.moto_s3 import start_moto_s3
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AIRFLOW_VENV = os.path.join(REPO, ".venv-airflow")
+_airflow_venv: Future | None = None  # .venv-airflow being made, from the end of collection on
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Starts making .venv-airflow (about 2 minutes of pip) in the background while the tests before the DAG's
+    run, when a collected test needs it."""
+    global _airflow_venv
+    if any("airflow_python" in getattr(item, "fixturenames", ()) for item in session.items):
+        _airflow_venv = ThreadPoolExecutor(1, thread_name_prefix="airflow-venv").submit(make_airflow_venv)
+
+
+@pytest.fixture(scope="session")
+def airflow_python() -> str:
+    """The Python of .venv-airflow: Airflow 3 and Ray's job client, no TensorFlow, not this package."""
+    return (_airflow_venv or ThreadPoolExecutor(1).submit(make_airflow_venv)).result()
+
+
+def make_airflow_venv() -> str:
+    """Makes .venv-airflow from jobs/dags/requirements.txt when missing or out of date; returns its Python."""
+    requirements = os.path.join(REPO, "jobs", "dags", "requirements.txt")
+    with open(requirements, "rb") as f:
+        wanted = hashlib.sha256(f.read()).hexdigest()
+    stamp = os.path.join(AIRFLOW_VENV, "requirements.sha256")  # written last: a half-made venv has none
+    python = os.path.join(AIRFLOW_VENV, "bin", "python")
+    if not os.path.exists(stamp) or open(stamp).read() != wanted:
+        shutil.rmtree(AIRFLOW_VENV, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", AIRFLOW_VENV], check=True)
+        pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", requirements]
+        result = subprocess.run(pip, capture_output=True, text=True, timeout=1200)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(stamp, "w") as f:
+            f.write(wanted)
+    return python
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +89,23 @@ def write_config(path, assets: dict[str, str], storage: str, name: str, **sectio
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     return str(path)
+
+
+def summary_of(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def finished_run(assets, tmp_path_factory):
+    """Both passes of a small run; its stdout and where it left its outputs."""
+    root = tmp_path_factory.mktemp("job")
+    # Progress lines at every batch, not every 30 s: these phases take a second.
+    config = write_config(
+        root / "job.yaml", assets, storage=str(root / "runs"), name="shapes", run={"progress_every_s": 0}
+    )
+    result = run_cli(config)
+    return {"config": config, "result": result, "summary": summary_of(result), "run": root / "runs" / "shapes"}
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -416,3 +416,14 @@ def test_dockerfile_builds_an_image_kuberay_can_run():
     assert re.search(r"^USER 1000(:\d+)?$", text, re.MULTILINE), "runs as uid 1000, as KubeRay expects"
     assert '"tensorflow[and-cuda]==2.21.*"' in text and '"ray[default,train]==2.60.*"' in text
     assert text.index("[and-cuda]") < text.index("COPY transfer"), "dependencies are installed before the code"
+
+
+def test_dag_run_example_predicts_with_options_transfer_predict_takes():
+    from jobs.predict import parse_args
+
+    with open(os.path.join(CONFIGS, "dag_run_with_predict.json")) as f:
+        conf = json.load(f)
+    load_example(conf["config"])  # the job config it trains exists and is valid
+    args = parse_args(["--model", "m", "--data", conf["predict_data"], "--out", conf["predict_out"],
+                       *conf["predict_options"]])  # fmt: skip
+    assert (args.format, args.workers, args.use_gpu, args.cpus_per_worker) == ("images", 4, True, 7)

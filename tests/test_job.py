@@ -3,33 +3,17 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, run_cli, write_config
+from tests.conftest import REPO, run_cli, summary_of, write_config
 from transfer import allocator
 
 pytestmark = pytest.mark.integration
-
-
-def summary_of(result: subprocess.CompletedProcess) -> dict:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def finished_run(assets, tmp_path_factory):
-    """Both passes of a small run; its stdout and where it left its outputs."""
-    root = tmp_path_factory.mktemp("job")
-    # Progress lines at every batch, not every 30 s: these phases take a second.
-    config = write_config(
-        root / "job.yaml", assets, storage=str(root / "runs"), name="shapes", run={"progress_every_s": 0}
-    )
-    result = run_cli(config)
-    return {"config": config, "result": result, "summary": summary_of(result), "run": root / "runs" / "shapes"}
 
 
 def test_both_passes_learn_well_above_chance(finished_run):
@@ -124,6 +108,30 @@ def test_outputs_are_where_the_contract_says(finished_run):
         assert checkpoints and all((c / "config.yaml").exists() for c in checkpoints)
 
 
+def test_tensorboard_shows_each_pass_per_epoch_as_metrics_json_has_it(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for pass_name, learning_rate in (("head", 3.0e-3), ("finetune", 1.0e-4)):
+        history = json.loads((finished_run["run"] / "export" / pass_name / "metrics.json").read_text())["history"]
+        logs = finished_run["run"] / "tensorboard" / pass_name
+        train, validation = (EventAccumulator(str(logs / part)).Reload() for part in ("train", "validation"))
+
+        def curve(events, tag):
+            return [(s.step, float(tf_value(s))) for s in events.Tensors(tag)]
+
+        for events, tag, key in ((train, "epoch_loss", "loss"), (validation, "epoch_accuracy", "val_accuracy")):
+            expected = [(row["epoch"], pytest.approx(row[key], rel=1e-6)) for row in history]
+            assert curve(events, tag) == expected, (pass_name, tag)
+        assert [value for _, value in curve(train, "learning_rate")] == [pytest.approx(learning_rate)] * len(history)
+        assert "images_per_s" in train.Tags()["tensors"] and "bad_records" in train.Tags()["tensors"]
+
+
+def tf_value(event) -> float:
+    import tensorflow as tf
+
+    return tf.make_ndarray(event.tensor_proto)
+
+
 PREDICT = """
 import json, sys
 import numpy as np, pyarrow.parquet as pq, tensorflow as tf
@@ -167,21 +175,19 @@ def test_rerunning_a_finished_run_does_nothing_and_says_so(finished_run):
     assert summary["passes"]["head"]["final"] == finished_run["summary"]["passes"]["head"]["final"]
 
 
-def test_rerun_resumes_from_the_checkpoint_epoch(assets, tmp_path):
-    # Augmented, so this head pass reads images every epoch (no feature cache), as the others do not.
+def test_rerun_with_more_epochs_resumes_from_the_checkpoint_epoch(finished_run, assets, tmp_path):
+    shutil.copytree(finished_run["run"].parent, tmp_path / "runs")  # the finished run, left as it is for the others
     config = write_config(
-        tmp_path / "job.yaml", assets, storage=str(tmp_path / "runs"), name="resume", data={"augment": ["flip"]}
+        tmp_path / "job.yaml", assets, storage=str(tmp_path / "runs"), name="shapes", run={"progress_every_s": 0}
     )
-    first = summary_of(run_cli(config, "--pass", "head", "--set", "head.epochs=1"))
-    assert first["passes"]["head"]["final"]["epoch"] == 1
-
-    result = run_cli(config, "--pass", "head", "--set", "head.epochs=2")
-    second = summary_of(result)
-    assert "head: resuming after epoch 1 from its latest checkpoint" in result.stdout
-    assert "head epoch 1/2" not in result.stdout and "head epoch 2/2" in result.stdout
-    metrics = json.loads((tmp_path / "runs" / "resume" / "export" / "head" / "metrics.json").read_text())
-    assert metrics["history"][0] == first["passes"]["head"]["final"]
-    assert second["passes"]["head"]["final"]["epoch"] == 2
+    result = run_cli(config, "--pass", "finetune", "--set", "finetune.epochs=3")
+    summary = summary_of(result)
+    assert "finetune: resuming after epoch 2 from its latest checkpoint" in result.stdout
+    assert "finetune epoch 2/3" not in result.stdout and "finetune epoch 3/3" in result.stdout
+    metrics = json.loads((tmp_path / "runs" / "shapes" / "export" / "finetune" / "metrics.json").read_text())
+    before = json.loads((finished_run["run"] / "export" / "finetune" / "metrics.json").read_text())
+    assert metrics["history"][:2] == before["history"]
+    assert summary["passes"]["finetune"]["final"]["epoch"] == 3
 
 
 def test_finetune_without_a_head_export_is_refused(assets, tmp_path):

@@ -6,7 +6,6 @@ virtual environment (.venv-airflow: Airflow 3 and Ray's job client, no TensorFlo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -26,7 +25,6 @@ from tests.conftest import REPO, write_config
 pytestmark = pytest.mark.integration
 
 DAGS = os.path.join(REPO, "jobs", "dags")
-AIRFLOW_VENV = os.path.join(REPO, ".venv-airflow")
 
 
 # --- a local Ray head with its job server ---
@@ -233,25 +231,6 @@ def test_job_joins_the_cluster_it_was_submitted_to(submitted):
 # --- the Airflow DAG ---
 
 
-@pytest.fixture(scope="session")
-def airflow_python() -> str:
-    """The Python of .venv-airflow, made from jobs/dags/requirements.txt when missing or out of date (about 1.5 min)."""
-    requirements = os.path.join(DAGS, "requirements.txt")
-    with open(requirements, "rb") as f:
-        wanted = hashlib.sha256(f.read()).hexdigest()
-    stamp = os.path.join(AIRFLOW_VENV, "requirements.sha256")  # written last: a half-made venv has none
-    python = os.path.join(AIRFLOW_VENV, "bin", "python")
-    if not os.path.exists(stamp) or open(stamp).read() != wanted:
-        shutil.rmtree(AIRFLOW_VENV, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", AIRFLOW_VENV], check=True)
-        pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", requirements]
-        result = subprocess.run(pip, capture_output=True, text=True, timeout=1200)
-        assert result.returncode == 0, result.stderr[-3000:]
-        with open(stamp, "w") as f:
-            f.write(wanted)
-    return python
-
-
 # Parses the DAGs folder as Airflow's DAG processor does; with a JSON argument, also runs the DAG once (dag.test()).
 DAG_CHECK = """
 import json, sys, time
@@ -313,8 +292,8 @@ def run_dag_check(airflow_python: str, airflow_home, head: dict[str, str] | None
 def test_dag_parses_without_tensorflow_ray_or_this_package(airflow_python, tmp_path):
     out, _ = run_dag_check(airflow_python, tmp_path)
     assert out["import_errors"] == {}
-    assert out["tasks"] == {"head": [], "finetune": ["head"]}
-    assert out["retries"] == {"head": 2, "finetune": 2}
+    assert out["tasks"] == {"head": [], "finetune": ["head"], "predict": ["finetune"]}
+    assert out["retries"] == {"head": 2, "finetune": 2, "predict": 2}
     # Schedulers parse DAG files often: the DAG imports neither TensorFlow nor this package (neither is installed
     # there), nor Ray until a task runs.
     assert out["modules"] == []
@@ -327,7 +306,15 @@ def dag_run(airflow_python, ray_head, assets, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dag")
     folder = job_dir(root, assets, "dagrun", head={"epochs": 2}, finetune={"epochs": 1})
     (root / "airflow").mkdir()
-    out, output = run_dag_check(airflow_python, root / "airflow", ray_head, config="job.yaml", working_dir=folder)
+    out, output = run_dag_check(
+        airflow_python,
+        root / "airflow",
+        ray_head,
+        config="job.yaml",
+        working_dir=folder,
+        predict_data=assets["train"],
+        predict_options=["--workers", "1"],
+    )
     client = job_client(ray_head)
     jobs = {j.submission_id: j for j in client.list_jobs() if (j.submission_id or "").startswith("transfer_train-")}
     return {"out": out, "output": output, "jobs": jobs, "client": client, "run": root / "runs" / "dagrun"}
@@ -359,6 +346,15 @@ def test_finetune_job_starts_from_the_export_the_head_task_returned(dag_run):
     head_export = head_summary["passes"]["head"]["export"]
     assert head_export == str(dag_run["run"] / "export" / "head")
     assert f"--set finetune.init_from={head_export}" in job_of(dag_run, "finetune").entrypoint
+
+
+def test_predict_task_labels_the_data_with_the_finetune_export(dag_run):
+    job = job_of(dag_run, "predict")
+    assert job.status == "SUCCEEDED" and job.start_time >= job_of(dag_run, "finetune").end_time
+    assert f"--model {dag_run['run'] / 'export' / 'finetune'} " in job.entrypoint
+    done = json.loads((dag_run["run"] / "predictions" / "_SUCCESS.json").read_text())
+    assert done["rows"] == 600 and done["errors"] == 0  # every row of the assets' training data
+    assert "predict: 600 rows, 0 without a prediction" in dag_run["output"]
 
 
 def second_try(ray_head: dict[str, str], job, name: str) -> tuple[dict, list[str]]:

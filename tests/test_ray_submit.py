@@ -37,3 +37,11 @@ def test_config_and_data_errors_are_not_retried():
     assert not ray_submit.JobFailed("bad row", exit_code=3).retryable
     assert ray_submit.JobFailed("worker lost", exit_code=1).retryable
     assert ray_submit.JobFailed("stopped").retryable
+
+
+def test_predict_entrypoint_passes_its_options_through_the_shell():
+    command = ray_submit.predict_entrypoint("s3://b/run/export/finetune", "/data/my images", "s3://b/o", ["--use-gpu"])
+    assert shlex.split(command) == [
+        "python", "-m", "jobs.predict", "--model", "s3://b/run/export/finetune", "--data", "/data/my images",
+        "--out", "s3://b/o", "--use-gpu",
+    ]  # fmt: skip

@@ -25,6 +25,8 @@ from transfer.data.plan import DatasetPlan
 from transfer.errors import Interrupted, TrainingError, TransferError
 from transfer.job import Echo, finetune_start, workers
 from transfer.pass_spec import PassSpec
+from transfer.tensorboard import FOLDER as TENSORBOARD
+from transfer.tensorboard import EpochScalars
 from transfer.train_loop import build_pass_model, train_loop_per_worker
 
 CONTROLLER_POLL_S = 0.2  # read by Ray Train's controller from the driver's environment
@@ -51,7 +53,10 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
     init_model = None
     if pass_name == "finetune":
         init_model = storage.join(finetune_start(cfg), export.MODEL)  # checked by run_job, when it already existed
-    progress = Progress(pass_name, cfg.scaling.max_failures, echo)
+    scalars = EpochScalars(
+        storage.join(cfg.run_uri, TENSORBOARD, pass_name), cfg.pass_settings(pass_name).learning_rate
+    )
+    progress = Progress(pass_name, cfg.scaling.max_failures, echo, scalars)
     spec = PassSpec(cfg.to_dict(), pass_name, plans, init_model, progress=progress.queue)
     plan = spec.plan
     # Fine-tuning's model is built here first, so a bad unfreeze setting fails now, not on every worker.
@@ -84,6 +89,8 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
         raise
     except Exception as e:
         raise training_error(e, pass_name, run_folder, len(progress.resumed_from)) from e
+    finally:
+        scalars.close()
     if result.checkpoint is None:
         raise TrainingError(f"{pass_name}: training ended without a checkpoint")
 
@@ -143,8 +150,8 @@ class Progress:
     restart too); PostEpochs posts each epoch.
     """
 
-    def __init__(self, pass_name: str, max_failures: int, echo: Echo):
-        self.pass_name, self.max_failures, self.echo = pass_name, max_failures, echo
+    def __init__(self, pass_name: str, max_failures: int, echo: Echo, scalars: EpochScalars):
+        self.pass_name, self.max_failures, self.echo, self.scalars = pass_name, max_failures, echo, scalars
         # On the driver's node, with 0 CPUs (a head node that runs no training): a worker node may go away.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
@@ -193,6 +200,7 @@ class Progress:
         else:
             self.last_group = event.get("group")
             self.echo(format_epoch(event))
+            self.scalars.write(event)
 
     def fit(self, trainer: TensorflowTrainer):
         """Runs trainer.fit() in a thread, handling events until it ends."""

@@ -1,4 +1,5 @@
-"""One pass of the training job as a Ray job, submitted to a Ray job server and waited for: what the DAG's tasks do.
+"""One pass of the training job, or a batch prediction, as a Ray job, submitted to a Ray job server and waited
+for: what the DAG's tasks do.
 
 Kept apart from the DAG file and free of Airflow, TensorFlow and the `transfer` package: a scheduler parses the DAG
 file often, so it must import fast, and these functions run (and are tested) anywhere Ray's job client is installed.
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-# Exit codes of `python -m jobs.train` that fail the same way on every try: 2 config or usage error, 3 data error.
+# Exit codes of `python -m jobs.train` and `jobs.predict` that fail the same way on every try: 2 config or usage
+# error, 3 data error.
 NOT_RETRYABLE = (2, 3)
 LOG_TAIL_LINES = 20
 
@@ -41,6 +43,11 @@ def entrypoint(config: str, pass_name: str, overrides: Sequence[str] = ()) -> st
     for item in overrides:
         args += ["--set", item]
     return shlex.join(args)
+
+
+def predict_entrypoint(model: str, data: str, out: str, options: Sequence[str] = ()) -> str:
+    """`python -m jobs.predict --model EXPORT --data DATA --out OUT [OPTIONS ...]`, shell-quoted."""
+    return shlex.join(["python", "-m", "jobs.predict", "--model", model, "--data", data, "--out", out, *options])
 
 
 def job_name(*parts: str) -> str:

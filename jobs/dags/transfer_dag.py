@@ -1,9 +1,11 @@
-"""Airflow 3 DAG `transfer_train`: the head pass, then the fine-tune pass from the head's export, each a Ray job.
+"""Airflow 3 DAG `transfer_train`: the head pass, then the fine-tune pass from the head's export, then (when
+`predict_data` is given) a batch prediction with the fine-tuned export; each a Ray job.
 
-Each task submits `python -m jobs.train CONFIG --pass ...` to the Ray job server and waits for it; the head task's
-XCom is the job's JSON summary, from which the fine-tune task takes the head export URI. The Airflow workers need
-Airflow and Ray's job client only (jobs/dags/requirements.txt); the cluster runs the image with this package.
-Deploy this file with ray_submit.py beside it in the DAGs folder (Airflow puts that folder on sys.path).
+Each task submits `python -m jobs.train CONFIG --pass ...` (or `python -m jobs.predict ...`) to the Ray job server
+and waits for it; a task's XCom is its job's JSON summary, from which the next task takes the export URI. The
+Airflow workers need Airflow and Ray's job client only (jobs/dags/requirements.txt); the cluster runs the image
+with this package. Deploy this file with ray_submit.py beside it in the DAGs folder (Airflow puts that folder on
+sys.path).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from datetime import timedelta
 import pendulum
 import ray_submit
 from airflow.sdk import Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 
 @dag(
@@ -44,6 +46,17 @@ from airflow.sdk.exceptions import AirflowFailException
             description="a folder on the Airflow worker uploaded with each job (holding the config), or a zip URI",
         ),
         "overrides": Param([], type="array", description="KEY.PATH=VALUE overrides, as --set for both passes"),
+        "predict_data": Param(
+            None,
+            type=["null", "string"],
+            description="data to label with the fine-tuned export (transfer-predict --data); none: no prediction",
+        ),
+        "predict_out": Param(
+            None, type=["null", "string"], description="where the predictions go (default: <run>/predictions)"
+        ),
+        "predict_options": Param(
+            [], type="array", description="more transfer-predict options, e.g. --format images --workers 4 --use-gpu"
+        ),
     },
     tags=["transfer", "ray"],
 )
@@ -56,20 +69,37 @@ def transfer_train() -> None:
     def finetune(head_summary: dict) -> dict:
         return _run_pass("finetune", [f"finetune.init_from={head_summary['passes']['head']['export']}"])
 
-    finetune(head())
+    @task
+    def predict(finetune_summary: dict) -> dict:
+        params = get_current_context()["params"]
+        if not params["predict_data"]:
+            raise AirflowSkipException("no predict_data given")
+        model = finetune_summary["passes"]["finetune"]["export"]
+        out = params["predict_out"] or f"{finetune_summary['storage']}/predictions"
+        return _submit(
+            "predict", ray_submit.predict_entrypoint(model, params["predict_data"], out, params["predict_options"])
+        )
+
+    predict(finetune(head()))
 
 
 def _run_pass(pass_name: str, overrides: Sequence[str] = ()) -> dict:
-    """Submits one pass with this DAG run's params and waits for it; its summary becomes the task's XCom."""
+    """Submits one pass with this DAG run's params and waits for it."""
+    params = get_current_context()["params"]
+    return _submit(pass_name, ray_submit.entrypoint(params["config"], pass_name, [*overrides, *params["overrides"]]))
+
+
+def _submit(step: str, entrypoint: str) -> dict:
+    """Submits one job with this DAG run's params and waits for it; its summary becomes the task's XCom."""
     context = get_current_context()
     params, ti = context["params"], context["ti"]
     working_dir = params["working_dir"]
     try:
         return ray_submit.submit_and_wait(
             params["ray_address"],
-            ray_submit.entrypoint(params["config"], pass_name, [*overrides, *params["overrides"]]),
+            entrypoint,
             {"working_dir": working_dir} if working_dir else None,
-            name=ray_submit.job_name(ti.dag_id, context["run_id"], pass_name),
+            name=ray_submit.job_name(ti.dag_id, context["run_id"], step),
             try_number=ti.try_number,
         )
     except ray_submit.JobFailed as e:

@@ -60,31 +60,53 @@ def _list_folder(root: str, image_column: str, label_column: str, key: str) -> p
 
 
 def _read_manifest(location: str, image_column: str, label_column: str, key: str) -> pa.Table:
-    """A CSV or Parquet manifest; relative image paths are relative to the manifest's folder."""
-    is_csv = location.lower().endswith(".csv")
+    """A CSV or Parquet manifest of (image, label); relative image paths are relative to the manifest's folder."""
+    table = _read_table(location, image_column, key, text_columns=(label_column,))
+    if label_column not in table.column_names:
+        raise DataError(
+            f"data.label_column: {storage.redact(location)}: no column {label_column!r} "
+            f"(columns: {', '.join(table.column_names)})"
+        )
+    labels = table.column(label_column)
+    if location.lower().endswith(".csv"):
+        labels = _whole_numbers_as_int(labels)
+    elif not (pa.types.is_integer(labels.type) or pa.types.is_string(labels.type)):
+        labels = labels.cast(pa.string())
+    return pa.table({image_column: table.column(image_column), label_column: labels})
+
+
+def image_list(location: str, image_column: str, key: str) -> pa.Table:
+    """The images to predict: a folder's (every image below it, as `image_column`), or a CSV or Parquet
+    manifest's rows with all their columns, its image paths made absolute."""
+    if location.lower().endswith(MANIFEST_SUFFIXES):
+        return _read_table(location, image_column, key)
+    files = list_or_fail(location, IMAGE_SUFFIXES, key)
+    if not files:
+        raise DataError(f"{key}: {storage.redact(location)}: no images found ({', '.join(IMAGE_SUFFIXES)})")
+    return pa.table({image_column: pa.array(files, pa.string())})
+
+
+def _read_table(location: str, image_column: str, key: str, text_columns: tuple[str, ...] = ()) -> pa.Table:
+    """A manifest's rows, the image column as absolute URIs or paths (relative ones are relative to the manifest's
+    folder). In a CSV the image column and `text_columns` are read as text, not left to type inference."""
     try:
         data = storage.read_bytes(location)
-        if is_csv:
-            text = {image_column: pa.string(), label_column: pa.string()}  # not left to type inference
+        if location.lower().endswith(".csv"):
+            text = {column: pa.string() for column in (image_column, *text_columns)}
             options = pacsv.ConvertOptions(column_types=text, strings_can_be_null=True)  # an empty cell is null
             table = pacsv.read_csv(io.BytesIO(data), convert_options=options)
         else:
             table = pq.read_table(io.BytesIO(data))
     except (OSError, pa.ArrowInvalid) as e:
         raise DataError(f"{key}: {storage.redact(location)}: cannot read the manifest: {first_line(e)}") from None
-    for column, column_key in ((image_column, "data.image_column"), (label_column, "data.label_column")):
-        if column not in table.column_names:
-            raise DataError(
-                f"{column_key}: {storage.redact(location)}: no column {column!r} "
-                f"(columns: {', '.join(table.column_names)})"
-            )
+    if image_column not in table.column_names:
+        raise DataError(
+            f"data.image_column: {storage.redact(location)}: no column {image_column!r} "
+            f"(columns: {', '.join(table.column_names)})"
+        )
     uris = [None if uri is None else storage.beside(location, uri) for uri in table.column(image_column).to_pylist()]
-    labels = table.column(label_column)
-    if is_csv:
-        labels = _whole_numbers_as_int(labels)
-    elif not (pa.types.is_integer(labels.type) or pa.types.is_string(labels.type)):
-        labels = labels.cast(pa.string())
-    return pa.table({image_column: pa.array(uris, pa.string()), label_column: labels})
+    position = table.column_names.index(image_column)
+    return table.set_column(position, image_column, pa.array(uris, pa.string()))
 
 
 def _whole_numbers_as_int(labels: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -144,7 +144,7 @@ def _labelled(
 
 def label_type_of(file: str, schema: pa.Schema, label_column: str, key: str) -> LabelType:
     """int or string, or ClassLabel: an int column that `datasets` names in the schema metadata."""
-    if _is_string(schema.field(label_column).type):
+    if is_string(schema.field(label_column).type):
         return LabelType("string", file=file)
     names = _class_label_names(file, schema, label_column, key)
     return LabelType("int", file=file) if names is None else LabelType("ClassLabel", names, file)
@@ -210,28 +210,28 @@ def _check_columns(file: str, schema: pa.Schema, image_column: str, label_column
         if column not in schema.names:
             raise DataError(f"{key}: {where}: no column {column!r} (columns: {', '.join(schema.names)})")
     image_type = schema.field(image_column).type
-    if not (_is_binary(image_type) or _is_string(image_type) or _is_image_struct(image_type)):
+    if not (is_binary(image_type) or is_string(image_type) or is_image_struct(image_type)):
         raise DataError(
             f"data.image_column: {where}: column {image_column!r} is {image_type}, expected binary (image bytes), "
             "string (image URIs) or struct<bytes, path> (a Hugging Face Image)"
         )
     label_type = schema.field(label_column).type
-    if not (pa.types.is_integer(label_type) or _is_string(label_type)):
+    if not (pa.types.is_integer(label_type) or is_string(label_type)):
         raise DataError(f"data.label_column: {where}: column {label_column!r} is {label_type}, expected int or string")
 
 
-def _is_binary(t: pa.DataType) -> bool:
+def is_binary(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
-def _is_string(t: pa.DataType) -> bool:
+def is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-IMAGE_STRUCT_PARTS = {"bytes": _is_binary, "path": _is_string}
+IMAGE_STRUCT_PARTS = {"bytes": is_binary, "path": is_string}
 
 
-def _is_image_struct(t: pa.DataType) -> bool:
+def is_image_struct(t: pa.DataType) -> bool:
     """A `datasets` Image: struct<bytes: binary, path: string>; either part may be missing, not both."""
     if not pa.types.is_struct(t):
         return False
@@ -250,9 +250,9 @@ def image_cells(column: pa.Array | pa.ChunkedArray, file: str) -> list[bytes | s
     if isinstance(column, pa.ChunkedArray):
         return [cell for chunk in column.chunks for cell in image_cells(chunk, file)]
     kind = column.type
-    if _is_binary(kind) or _is_string(kind):
+    if is_binary(kind) or is_string(kind):
         return column.to_pylist()
-    if not _is_image_struct(kind):
+    if not is_image_struct(kind):
         raise DataError(f"data.image_column: {storage.redact(file)}: an image column of type {kind}")
     return [_struct_cell(row, file) for row in column.to_pylist()]
 

@@ -149,7 +149,7 @@ class UnitReader:
 
     def _records(self, batch, file: str, places: list[str]) -> list[Record]:
         cells = parquet.image_cells(batch.column(self.columns[0]), file)
-        fetched = {i: self.fetches.submit(_fetch, c) for i, c in enumerate(cells) if isinstance(c, str)}
+        fetched = {i: self.fetches.submit(fetch_image, c) for i, c in enumerate(cells) if isinstance(c, str)}
         records = []
         for i, (cell, label) in enumerate(zip(cells, batch.column(self.columns[1]).to_pylist(), strict=True)):
             if i in fetched:
@@ -164,7 +164,8 @@ class UnitReader:
         return records
 
 
-def _fetch(uri: str) -> tuple[bytes | None, str | None]:
+def fetch_image(uri: str) -> tuple[bytes | None, str | None]:
+    """An image object's bytes, or None and why it cannot be had (a bad record, not an error)."""
     try:
         data = storage.read_object(uri)
     except Exception as e:  # any failure to fetch one object makes one bad record, whatever the store
