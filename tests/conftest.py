@@ -18,6 +18,8 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # Hugging Face `datasets` (used to write test data) must never reach for the network.
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# MLflow 3 refuses its file store (in maintenance) unless told: the tests track runs to one, with no server.
+os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
 
 import transfer  # noqa: E402, F401  (selects tf-keras before TensorFlow loads)
 from tests.moto_s3 import start_moto_s3
@@ -101,11 +103,17 @@ def finished_run(assets, tmp_path_factory):
     """Both passes of a small run; its stdout and where it left its outputs."""
     root = tmp_path_factory.mktemp("job")
     # Progress lines at every batch, not every 30 s: these phases take a second.
+    tracking = f"file://{root}/mlruns"  # MLflow's file store
     config = write_config(
-        root / "job.yaml", assets, storage=str(root / "runs"), name="shapes", run={"progress_every_s": 0}
+        root / "job.yaml",
+        assets,
+        storage=str(root / "runs"),
+        name="shapes",
+        run={"progress_every_s": 0, "mlflow_tracking_uri": tracking},
     )
     result = run_cli(config)
-    return {"config": config, "result": result, "summary": summary_of(result), "run": root / "runs" / "shapes"}
+    run = root / "runs" / "shapes"
+    return {"config": config, "result": result, "summary": summary_of(result), "run": run, "mlflow": tracking}
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -126,6 +126,25 @@ def test_tensorboard_shows_each_pass_per_epoch_as_metrics_json_has_it(finished_r
         assert "images_per_s" in train.Tags()["tensors"] and "bad_records" in train.Tags()["tensors"]
 
 
+def test_mlflow_has_each_pass_with_its_config_epochs_and_export(finished_run):
+    import mlflow
+
+    client = mlflow.MlflowClient(finished_run["mlflow"])
+    experiment = client.get_experiment_by_name("shapes")
+    runs = {run.data.tags["transfer.pass"]: run for run in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["finetune", "head"]
+    for pass_name, run in runs.items():
+        assert run.info.run_name == f"shapes/{pass_name}" and run.info.status == "FINISHED"
+        assert run.data.params["head.epochs"] == "3" and run.data.params["model.backbone"] == "demo_cnn"
+        history = json.loads((finished_run["run"] / "export" / pass_name / "metrics.json").read_text())["history"]
+        logged = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [(m.step, m.value) for m in logged] == [
+            (row["epoch"], pytest.approx(row["val_accuracy"])) for row in history
+        ]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
+        assert {"export/model.keras", "export/manifest.json", "export/evaluation.json"} <= artifacts
+
+
 def tf_value(event) -> float:
     import tensorflow as tf
 

@@ -38,6 +38,7 @@ class Run:
     storage: str = "runs"  # local path or URI; <storage>/<name>/ holds checkpoints and exports
     checkpoints_to_keep: int = 2
     progress_every_s: float = 30.0  # a line on how far a long phase (features, an epoch) is, this often
+    mlflow_tracking_uri: str | None = None  # MLflow tracking (transfer.tracking); needs the `mlflow` extra
 
 
 @dataclass(frozen=True)

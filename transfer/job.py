@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from transfer import allocator, export, storage
+from transfer import allocator, export, storage, tracking
 from transfer.config import Config
 from transfer.data import images, parquet
 from transfer.data.plan import DatasetPlan, plan_dataset
@@ -27,6 +27,7 @@ HEAD_ANSWER_TIMEOUT_S = 2.0  # a live head accepts a TCP connection in milliseco
 def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Echo = print) -> dict:
     """Runs the passes in order; returns the summary (run, storage, each pass's status, metrics and export)."""
     check_inputs(cfg)
+    tracking.check_tracking(cfg)
     plans = plan_data(cfg)
     plan = plans[max(plans)]
     echo(

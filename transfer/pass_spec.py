@@ -24,6 +24,8 @@ class PassSpec:
     init_model: str | None  # finetune: the model.keras to start from
     progress: Any = None  # a ray.util.queue.Queue the driver prints from; every worker posts when it starts
     world_size: int | None = None  # set on the workers, to the size of the worker group they are in
+    progress_every_s: float = 30.0  # how often rank 0 posts a long phase's progress: run.progress_every_s, or
+    # every second when the driver shows it as a bar on a terminal
 
     @property
     def plan(self) -> DatasetPlan:

@@ -213,7 +213,7 @@ class CachedFeatures:
 
 
 class PhaseProgress:
-    """Tells the driver how far one worker's long phase is (rank 0's, every `run.progress_every_s`): the
+    """Tells the driver how far one worker's long phase is (rank 0's, every `spec.progress_every_s`): the
     workers' shards are equal, so rank 0's share is everyone's."""
 
     def __init__(self, spec: PassSpec, rank: int, what: str, total: int):
@@ -225,7 +225,7 @@ class PhaseProgress:
         if not self.posts or done >= self.total:  # called every step: the other ranks do nothing more
             return
         now = time.monotonic()
-        if now - self.last >= self.spec.cfg.run.progress_every_s:
+        if now - self.last >= self.spec.progress_every_s:
             self.last = now
             event = {"what": self.what, "done": done, "total": self.total, "seconds": now - self.start}
             self.spec.progress.put({"event": "progress", "pass": self.spec.pass_name, **event})

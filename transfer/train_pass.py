@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from typing import TextIO
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -27,9 +29,11 @@ from transfer.job import Echo, finetune_start, workers
 from transfer.pass_spec import PassSpec
 from transfer.tensorboard import FOLDER as TENSORBOARD
 from transfer.tensorboard import EpochScalars
+from transfer.tracking import PassTracking
 from transfer.train_loop import build_pass_model, train_loop_per_worker
 
 CONTROLLER_POLL_S = 0.2  # read by Ray Train's controller from the driver's environment
+BAR_EVERY_S = 1.0  # how often a progress bar on a terminal moves
 STOP_TIMEOUT_S = 30  # how long a stopped pass waits for its workers to go: within Kubernetes' default grace period
 
 
@@ -53,73 +57,74 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
     init_model = None
     if pass_name == "finetune":
         init_model = storage.join(finetune_start(cfg), export.MODEL)  # checked by run_job, when it already existed
-    scalars = EpochScalars(
+    tensorboard = EpochScalars(
         storage.join(cfg.run_uri, TENSORBOARD, pass_name), cfg.pass_settings(pass_name).learning_rate
     )
-    progress = Progress(pass_name, cfg.scaling.max_failures, echo, scalars)
-    spec = PassSpec(cfg.to_dict(), pass_name, plans, init_model, progress=progress.queue)
-    plan = spec.plan
-    # Fine-tuning's model is built here first, so a bad unfreeze setting fails now, not on every worker.
-    model = build_pass_model(spec, cfg.model.weights) if pass_name == "finetune" else None
+    with closing(tensorboard) as scalars, closing(PassTracking(cfg, pass_name, echo)) as tracked:
+        progress = Progress(pass_name, cfg.scaling.max_failures, echo, [scalars, tracked])
+        every_s = cfg.run.progress_every_s if progress.bar is None else min(cfg.run.progress_every_s, BAR_EVERY_S)
+        spec = PassSpec(cfg.to_dict(), pass_name, plans, init_model, progress.queue, progress_every_s=every_s)
+        plan = spec.plan
+        # Fine-tuning's model is built here first, so a bad unfreeze setting fails now, not on every worker.
+        model = build_pass_model(spec, cfg.model.weights) if pass_name == "finetune" else None
 
-    # Ray Train's controller takes one report per poll of the workers and a worker's next report waits for it:
-    # at the default 2 s poll, every epoch shorter than 2 s (a cached head epoch takes ~0.3 s) is stretched to 2 s.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_S))
-    trainer = TensorflowTrainer(
-        train_loop_per_worker,
-        train_loop_config=spec,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,  # [min, max]: Ray Train's elastic scaling
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=pass_name,
-            storage_path=storage.absolute(cfg.run_uri),
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            callbacks=[PostEpochs(progress.queue), StopOnUserError(), PostController(progress.queue)],
-        ),
-    )
-    echo(f"{pass_name}: training {epochs} epochs on {workers(cfg)} workers")
-    run_folder = storage.join(cfg.run_uri, pass_name)
-    try:
-        result = progress.fit(trainer)
-    except Interrupted:
-        raise
-    except Exception as e:
-        raise training_error(e, pass_name, run_folder, len(progress.resumed_from)) from e
-    finally:
-        scalars.close()
-    if result.checkpoint is None:
-        raise TrainingError(f"{pass_name}: training ended without a checkpoint")
+        # Ray Train's controller takes one report per poll of the workers and a worker's next report waits for it:
+        # at the default 2 s poll, every epoch shorter than 2 s (a cached head epoch takes ~0.3 s) is stretched to 2 s.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_S))
+        trainer = TensorflowTrainer(
+            train_loop_per_worker,
+            train_loop_config=spec,
+            scaling_config=ScalingConfig(
+                num_workers=cfg.scaling.num_workers,  # [min, max]: Ray Train's elastic scaling
+                use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=pass_name,
+                storage_path=storage.absolute(cfg.run_uri),
+                failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+                callbacks=[PostEpochs(progress.queue), StopOnUserError(), PostController(progress.queue)],
+            ),
+        )
+        echo(f"{pass_name}: training {epochs} epochs on {workers(cfg)} workers")
+        run_folder = storage.join(cfg.run_uri, pass_name)
+        try:
+            result = progress.fit(trainer)
+        except Interrupted:
+            raise
+        except Exception as e:
+            raise training_error(e, pass_name, run_folder, len(progress.resumed_from)) from e
+        if result.checkpoint is None:
+            raise TrainingError(f"{pass_name}: training ended without a checkpoint")
 
-    if model is None:  # the head pass's: the model every worker built (its checkpoints hold the classifier alone)
-        model = build_pass_model(spec, cfg.model.weights)
-    state = restore(model, result.checkpoint)
-    history, bad = state["history"], state["bad_records"]
-    metrics = {
-        "pass": pass_name,
-        "final": history[-1],
-        "history": history,
-        "cluster": progress.cluster(),
-        "restarts": {"count": len(progress.resumed_from), "resumed_after_epoch": progress.resumed_from},
-        "bad_records": {
-            "left_out_while_planning": len(plan.left_out),
-            "found_while_reading": bad["found"],
-            "examples": (plan.left_out + bad["examples"])[:MAX_EXAMPLES],
-        },
-    }
-    counted = progress.evaluation
-    if counted is None:
-        raise TrainingError(f"{pass_name}: the workers ended without evaluating the model")
-    report = evaluation.report(pass_name, plan.classes, counted["confusion"], counted["top_k_hits"])
-    curves = [*earlier_curves(cfg, pass_name), (pass_name, history)]
-    export.write_export(model, plan.classes, cfg.to_yaml(), metrics, export_uri, report, curves)
-    for line in evaluation.summary_lines(report):
-        echo(line)
-    echo(f"{pass_name}: exported to {shown_uri}")
-    return {"status": "trained", "export": shown_uri, "final": history[-1]}
+        if model is None:  # the head pass's: the model every worker built (its checkpoints hold the classifier alone)
+            model = build_pass_model(spec, cfg.model.weights)
+        state = restore(model, result.checkpoint)
+        history, bad = state["history"], state["bad_records"]
+        metrics = {
+            "pass": pass_name,
+            "final": history[-1],
+            "history": history,
+            "cluster": progress.cluster(),
+            "restarts": {"count": len(progress.resumed_from), "resumed_after_epoch": progress.resumed_from},
+            "bad_records": {
+                "left_out_while_planning": len(plan.left_out),
+                "found_while_reading": bad["found"],
+                "examples": (plan.left_out + bad["examples"])[:MAX_EXAMPLES],
+            },
+        }
+        counted = progress.evaluation
+        if counted is None:
+            raise TrainingError(f"{pass_name}: the workers ended without evaluating the model")
+        report = evaluation.report(pass_name, plan.classes, counted["confusion"], counted["top_k_hits"])
+        curves = [*earlier_curves(cfg, pass_name), (pass_name, history)]
+        export.write_export(model, plan.classes, cfg.to_yaml(), metrics, export_uri, report, curves)
+        tracked.finish(export_uri)
+        for line in evaluation.summary_lines(report):
+            echo(line)
+        echo(f"{pass_name}: exported to {shown_uri}")
+        return {"status": "trained", "export": shown_uri, "final": history[-1]}
 
 
 @contextmanager
@@ -150,8 +155,12 @@ class Progress:
     restart too); PostEpochs posts each epoch.
     """
 
-    def __init__(self, pass_name: str, max_failures: int, echo: Echo, scalars: EpochScalars):
-        self.pass_name, self.max_failures, self.echo, self.scalars = pass_name, max_failures, echo, scalars
+    def __init__(self, pass_name: str, max_failures: int, echo: Echo, epoch_logs: list):
+        """`epoch_logs`: each gets every epoch's row (`write`): TensorBoard's, MLflow's."""
+        self.pass_name, self.max_failures, self.epoch_logs = pass_name, max_failures, epoch_logs
+        # On a terminal, a phase's progress is one line that updates; in a log (a Ray job's, Airflow's), lines.
+        self.bar = ProgressBar(sys.stdout) if echo is print and sys.stdout.isatty() else None
+        self.echo = echo if self.bar is None else self.bar.echo
         # On the driver's node, with 0 CPUs (a head node that runs no training): a worker node may go away.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
@@ -192,7 +201,10 @@ class Progress:
             elif event["epoch"]:
                 self.echo(f"{name}: resuming after epoch {event['epoch']} from its latest checkpoint")
         elif event["event"] == "progress":
-            self.echo(format_progress(event))
+            if self.bar is not None:
+                self.bar.show(format_progress(event))
+            else:
+                self.echo(format_progress(event))
         elif event["event"] == "evaluation":
             self.evaluation = event
         elif event["event"] == "cache":
@@ -200,7 +212,8 @@ class Progress:
         else:
             self.last_group = event.get("group")
             self.echo(format_epoch(event))
-            self.scalars.write(event)
+            for log in self.epoch_logs:
+                log.write(event)
 
     def fit(self, trainer: TensorflowTrainer):
         """Runs trainer.fit() in a thread, handling events until it ends."""
@@ -259,6 +272,27 @@ def earlier_curves(cfg: Config, pass_name: str) -> list[tuple[str, list[dict]]]:
         return [(metrics["pass"], metrics["history"])]
     except (OSError, KeyError, ValueError):  # an init_from export of another tool: its curves are not ours to draw
         return []
+
+
+class ProgressBar:
+    """A progress line that rewrites itself on a terminal, until the next line printed replaces it."""
+
+    CLEAR = "\r\x1b[2K"  # to the line's start, then erase it
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.shown = stream, False
+
+    def show(self, line: str) -> None:
+        self.stream.write(self.CLEAR + line)
+        self.stream.flush()
+        self.shown = True
+
+    def echo(self, line: str) -> None:
+        if self.shown:
+            self.stream.write(self.CLEAR)
+            self.shown = False
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
 
 def format_progress(event: dict) -> str:
