@@ -31,6 +31,13 @@ def test_summary_puts_the_worst_class_first_and_names_the_most_confused_pair():
     assert lines[1].startswith("  fox: f1 0.667") and lines[-1] == "  most confused: fox taken for dog 5 times"
 
 
+def test_misclassified_rows_of_all_workers_are_the_20_most_confidently_wrong():
+    rows = [{"where": f"w{i}", "true": "cat", "predicted": "dog", "probability": (i % 25) / 25} for i in range(50)]
+    listed = evaluation.report("head", ["cat", "dog"], [[0, 50], [0, 0]], 50, misclassified=rows)["misclassified"]
+    assert len(listed) == 20 and listed[0]["probability"] == 24 / 25
+    assert [r["probability"] for r in listed] == sorted((r["probability"] for r in rows), reverse=True)[:20]
+
+
 def test_top_k_is_5_beyond_5_classes():
     assert [evaluation.top_k(n) for n in (2, 3, 5, 6, 1000)] == [1, 1, 2, 5, 5]
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -62,6 +63,15 @@ def test_each_export_evaluates_every_validation_row_per_class(finished_run):
         final = json.loads((export / "metrics.json").read_text())["final"]
         assert evaluation["accuracy"] == pytest.approx(final["val_accuracy"], abs=1e-6)
         assert evaluation["k"] == 2 and evaluation["top_k_accuracy"] >= evaluation["accuracy"]
+        # The most confidently wrong rows, each where it is: that row of that file holds the true label.
+        misclassified = evaluation["misclassified"]
+        assert len(misclassified) == min(20, rows - sum(confusion[i][i] for i in range(5)))
+        probabilities = [row["probability"] for row in misclassified]
+        assert probabilities == sorted(probabilities, reverse=True)
+        for row in misclassified:
+            file, group, position = re.fullmatch(r"(.+\.parquet) row group (\d+) row (\d+)", row["where"]).groups()
+            label = pq.ParquetFile(file).read_row_group(int(group), columns=["label"]).column(0)[int(position)]
+            assert label.as_py() == row["true"] != row["predicted"]
         assert f"{pass_name}: evaluated on {rows} validation rows: accuracy {evaluation['accuracy']:.3f}" in stdout
         worst = min(classes, key=lambda c: (evaluation["per_class"][c]["f1"], c))
         assert f"per class, worst first:\n  {worst}: f1 " in stdout

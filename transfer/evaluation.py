@@ -11,6 +11,7 @@ import numpy as np
 FILE = "evaluation.json"
 MOST_CONFUSED = 10  # pairs of classes listed
 SUMMARY_CLASSES = 10  # classes printed at the end of a pass, worst first
+MISCLASSIFIED = 20  # validation rows listed that the model got wrong, the most confidently wrong first
 
 
 def top_k(num_classes: int) -> int:
@@ -18,8 +19,13 @@ def top_k(num_classes: int) -> int:
     return 5 if num_classes > 5 else max(1, num_classes // 2)
 
 
-def report(pass_name: str, classes: list[str], confusion: np.ndarray, top_k_hits: int) -> dict:
-    """The report of a confusion matrix (rows: true class, columns: predicted, in `classes` order)."""
+def report(
+    pass_name: str, classes: list[str], confusion: np.ndarray, top_k_hits: int, misclassified: list[dict] = ()
+) -> dict:
+    """The report of a confusion matrix (rows: true class, columns: predicted, in `classes` order).
+
+    `misclassified`: rows the model got wrong ({where, true, predicted, probability}), from every worker.
+    """
     confusion = np.asarray(confusion, np.int64)
     rows = int(confusion.sum())
     hits = np.diag(confusion)
@@ -52,6 +58,7 @@ def report(pass_name: str, classes: list[str], confusion: np.ndarray, top_k_hits
         "most_confused": [
             {"true": classes[t], "predicted": classes[p], "count": n} for n, t, p in pairs[:MOST_CONFUSED]
         ],
+        "misclassified": sorted(misclassified, key=lambda row: -row["probability"])[:MISCLASSIFIED],
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -72,7 +73,8 @@ def train_loop_per_worker(spec: PassSpec) -> None:
     callback = CheckpointEachEpoch(spec, history, rank, steps * spec.batch_size * spec.world_size, strategy, bad)
     try:
         reader = ShardReader(spec, bad)
-        validation = inputs.validation(reader, rank)  # once: the epochs and the evaluation share its cache
+        cache = inputs.validation(reader, rank)  # once: the epochs and the evaluation share it
+        validation = functools.partial(validation_batches, cache, spec.batch_size)
         trained.fit(
             strategy.distribute_datasets_from_function(inputs.train(reader, rank)),
             epochs=spec.epochs,
@@ -83,7 +85,14 @@ def train_loop_per_worker(spec: PassSpec) -> None:
             callbacks=[callback, EpochProgress(spec, rank, steps)],
             verbose=0,
         )
-        confusion, top_k_hits = count_predictions(trained, validation(None), len(spec.plan.classes), strategy)
+        classes = spec.plan.classes
+        confusion, top_k_hits, wrong = count_predictions(trained, validation(None), len(classes), strategy)
+        if spec.progress is not None:  # every worker its own rows
+            rows = [
+                {"where": cache.places[i], "true": classes[t], "predicted": classes[p], "probability": probability}
+                for i, t, p, probability in wrong
+            ]
+            spec.progress.put({"event": "misclassified", "pass": spec.pass_name, "rows": rows})
         if rank == 0 and spec.progress is not None:
             evaluated = {"confusion": confusion.tolist(), "top_k_hits": top_k_hits}
             spec.progress.put({"event": "evaluation", "pass": spec.pass_name, **evaluated})
@@ -97,12 +106,20 @@ def train_loop_per_worker(spec: PassSpec) -> None:
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 
 
+def validation_batches(cache: RowCache, batch_size: int, context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+    """Every row of the validation cache once, in order."""
+    return cache.dataset(batch_size, training=False, seed=0)
+
+
 def count_predictions(
     model: tf.keras.Model, validation: tf.data.Dataset, num_classes: int, strategy: tf.distribute.Strategy
 ) -> tuple[np.ndarray, int]:
     """The confusion matrix (rows: true class) and top-k hits of the trained model over every worker's
-    validation rows, each row once: each worker counts its own rows, then one all-reduce sums them."""
+    validation rows, each row once: each worker counts its own rows, then one all-reduce sums them. And this
+    worker's most confidently wrong rows: (row, true, predicted, probability), in `validation`'s row order."""
     k = evaluation.top_k(num_classes)
+    wrong: list[tuple[int, int, int, float]] = []
+    row = 0
     counts = np.zeros(num_classes * num_classes + 1, np.int64)  # the matrix, row by row, then the top-k hits
     predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)  # the last batch is short
     for x, y in validation:
@@ -110,9 +127,14 @@ def count_predictions(
         np.add.at(counts, truth * num_classes + scores.argmax(axis=1), 1)
         ranked = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # the k best, in any order
         counts[-1] += int((ranked == truth[:, None]).any(axis=1).sum())
+        predicted = scores.argmax(axis=1)
+        wrong += [(row + i, int(truth[i]), int(predicted[i]), float(scores[i, predicted[i]]))
+                  for i in np.flatnonzero(predicted != truth)]  # fmt: skip
+        wrong = sorted(wrong, key=lambda w: -w[3])[: evaluation.MISCLASSIFIED]
+        row += len(truth)
     summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(counts)), axis=None)
     summed = summed.numpy()
-    return summed[:-1].reshape(num_classes, num_classes), int(summed[-1])
+    return summed[:-1].reshape(num_classes, num_classes), int(summed[-1]), wrong
 
 
 class ShardReader:
@@ -129,7 +151,7 @@ class ShardReader:
             data.read_buffer_mb,
         )
 
-    def images(self, split: Split, rank: int, training: bool) -> tf.data.Dataset:
+    def images(self, split: Split, rank: int, training: bool, with_places: bool = False) -> tf.data.Dataset:
         data = self.spec.cfg.data
         return make_dataset(
             split.shards[rank],
@@ -145,6 +167,7 @@ class ShardReader:
             seed=data.seed + rank,
             augment=data.augment if training else (),
             parallelism=self.parallelism,
+            with_places=with_places,
         )
 
 
@@ -162,15 +185,15 @@ class Images:
     def train(self, reader: ShardReader, rank: int) -> DatasetFn:
         return lambda context: reader.images(self.spec.plan.train, rank, training=True)
 
-    def validation(self, reader: ShardReader, rank: int) -> DatasetFn:
+    def validation(self, reader: ShardReader, rank: int) -> RowCache:
         split, cfg = self.spec.plan.validation, self.spec.cfg
         progress = PhaseProgress(self.spec, rank, "validation images decoded per worker", split.rows_per_worker)
         cache = RowCache(
-            reader.images(split, rank, training=False), split.rows_per_worker, cfg.data.validation_cache_mb,
-            dtype="uint8", on_rows=progress.update,
+            reader.images(split, rank, training=False, with_places=True), split.rows_per_worker,
+            cfg.data.validation_cache_mb, dtype="uint8", on_rows=progress.update,
         )  # fmt: skip
         _post_cache(self.spec, rank, f"{len(cache.labels)} validation images per worker decoded once", cache)
-        return lambda context: cache.dataset(self.spec.batch_size, training=False, seed=cfg.data.seed + rank)
+        return cache
 
 
 class CachedFeatures:
@@ -192,14 +215,15 @@ class CachedFeatures:
         return tf.keras.models.clone_model(self.head)  # the same layers and names, as MWMS variables
 
     def train(self, reader: ShardReader, rank: int) -> DatasetFn:
-        return self._features(reader, rank, self.spec.plan.train, training=True)
+        cache = self._features(reader, rank, self.spec.plan.train, training=True)
+        return lambda context: cache.dataset(self.spec.batch_size, training=True, seed=self.spec.cfg.data.seed + rank)
 
-    def validation(self, reader: ShardReader, rank: int) -> DatasetFn:
+    def validation(self, reader: ShardReader, rank: int) -> RowCache:
         return self._features(reader, rank, self.spec.plan.validation, training=False)
 
-    def _features(self, reader: ShardReader, rank: int, split: Split, training: bool) -> DatasetFn:
+    def _features(self, reader: ShardReader, rank: int, split: Split, training: bool) -> RowCache:
         cfg = self.spec.cfg
-        images = reader.images(split, rank, training=False)  # every row once, in order
+        images = reader.images(split, rank, training=False, with_places=not training)  # every row once, in order
         which = "" if training else "validation "
         progress = PhaseProgress(
             self.spec, rank, f"backbone features of {which}images per worker", split.rows_per_worker
@@ -209,7 +233,7 @@ class CachedFeatures:
         )
         what = f"backbone features of {len(cache.labels)} {which}images per worker computed"
         _post_cache(self.spec, rank, what, cache)
-        return lambda context: cache.dataset(self.spec.batch_size, training, seed=cfg.data.seed + rank)
+        return cache
 
 
 class PhaseProgress:

@@ -117,7 +117,9 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
         counted = progress.evaluation
         if counted is None:
             raise TrainingError(f"{pass_name}: the workers ended without evaluating the model")
-        report = evaluation.report(pass_name, plan.classes, counted["confusion"], counted["top_k_hits"])
+        report = evaluation.report(
+            pass_name, plan.classes, counted["confusion"], counted["top_k_hits"], progress.misclassified
+        )
         curves = [*earlier_curves(cfg, pass_name), (pass_name, history)]
         export.write_export(model, plan.classes, cfg.to_yaml(), metrics, export_uri, report, curves)
         tracked.finish(export_uri)
@@ -170,6 +172,7 @@ class Progress:
         self.groups: dict[str, dict[int, dict]] = {}  # per start of the worker group, its workers by rank
         self.last_group: str | None = None  # the group that reported the latest epoch
         self.evaluation: dict | None = None  # rank 0's counts over the validation rows, once the pass has trained
+        self.misclassified: list[dict] = []  # every worker's most confidently wrong validation rows
 
     def cluster(self) -> dict:
         """Where the workers of the group that trained the last epoch ran."""
@@ -207,6 +210,8 @@ class Progress:
                 self.echo(format_progress(event))
         elif event["event"] == "evaluation":
             self.evaluation = event
+        elif event["event"] == "misclassified":
+            self.misclassified += event["rows"]
         elif event["event"] == "cache":
             self.echo(f"{name}: {event['what']} in {event['seconds']:.1f} s, cached in {event['where']}")
         else:

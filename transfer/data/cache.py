@@ -28,6 +28,7 @@ class RowCache:
 
     Filled from a dataset of (x, labels) batches that holds exactly `rows` rows (the pipeline makes up for
     skipped records), each x turned into the cached value by `transform` (features) or kept as it is (images).
+    Batches of (x, labels, places) keep each row's place too (`places`, in row order).
     """
 
     def __init__(
@@ -53,10 +54,12 @@ class RowCache:
         else:
             self.values = np.empty((rows, *shape), dtype=dtype)
         self.labels = np.empty(rows, dtype="int32")
+        self.places: list[str] = []
         row = 0
-        for x, y in batches:
+        for x, y, *places in batches:
             self.values[row : row + len(y)] = (transform(x) if transform is not None else x).numpy()
             self.labels[row : row + len(y)] = y.numpy()
+            self.places += [place.decode() for place in places[0].numpy()] if places else []
             row += len(y)
             if on_rows is not None:
                 on_rows(row)

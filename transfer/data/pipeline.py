@@ -300,8 +300,11 @@ class DecodeLedger:
         return True
 
 
-def _decoded(chunks: tf.data.Dataset, image_size: tuple[int, int], ledger: DecodeLedger, threads: int):
-    """Chunks of (encoded images, labels, places) -> (uint8 image, label) for every record that decodes.
+def _decoded(
+    chunks: tf.data.Dataset, image_size: tuple[int, int], ledger: DecodeLedger, threads: int, with_places: bool
+):
+    """Chunks of (encoded images, labels, places) -> (uint8 image, label) for every record that decodes, with its
+    place too when `with_places`.
 
     A record with a negative label (the end of a pass, a reader's failure) always reaches the ledger.
     """
@@ -310,13 +313,13 @@ def _decoded(chunks: tf.data.Dataset, image_size: tuple[int, int], ledger: Decod
         data, labels, places = record
         size = tf.numpy_function(ledger.register, [chunk, places], tf.int64, stateful=True)
         n = tf.shape(data, out_type=tf.int64)[0]
-        return tf.fill([n], chunk), tf.range(n), tf.fill([n], size), data, labels
+        return tf.fill([n], chunk), tf.range(n), tf.fill([n], size), data, labels, places
 
-    def decode(chunk, position, size, data, label):
-        return chunk, position, size, decode_image(data, image_size), label
+    def decode(chunk, position, size, data, label, place):
+        return chunk, position, size, decode_image(data, image_size), label, place
 
     def find_gaps(expected, record):
-        chunk, position, size, image, label = record
+        chunk, position, size, image, label, place = record
         gap = tf.logical_or(chunk != expected[0], position != expected[1])
         reported = tf.cond(
             tf.logical_or(gap, label < 0),
@@ -329,7 +332,7 @@ def _decoded(chunks: tf.data.Dataset, image_size: tuple[int, int], ledger: Decod
             tf.where(ends_chunk, tf.constant(0, tf.int64), position + 1),
         )
         with tf.control_dependencies([reported]):
-            return following, (tf.identity(image), label)
+            return following, (tf.identity(image), label, place) if with_places else (tf.identity(image), label)
 
     records = chunks.enumerate().map(register).prefetch(2).unbatch()  # Python (read, register) runs ahead
     decoded = records.map(decode, num_parallel_calls=threads, deterministic=True).ignore_errors()
@@ -370,8 +373,10 @@ def make_dataset(
     seed: int = 0,
     augment: tuple[str, ...] = (),
     parallelism: Parallelism | None = None,
+    with_places: bool = False,
 ) -> tf.data.Dataset:
-    """The batches of one worker's shard.
+    """The batches of one worker's shard: (images, labels), and with `with_places` each row's place too (where it
+    is, as bad records name it: for the evaluation's misclassified examples).
 
     Training: endless, reshuffled every pass (unit order and a bounded buffer), whole batches only, so
     `steps_per_epoch` alone decides an epoch. Validation: exactly `num_rows` rows, the last batch possibly
@@ -407,7 +412,8 @@ def make_dataset(
             fetches.shutdown(wait=False, cancel_futures=True)
 
     chunks = tf.data.Dataset.from_generator(passes, output_signature=signature)
-    images = _decoded(chunks, image_size, ledger, parallel.decode).filter(lambda image, label: label >= 0)
+    decoded = _decoded(chunks, image_size, ledger, parallel.decode, with_places)
+    images = decoded.filter(lambda image, label, *place: label >= 0)
     if training:
         images = images.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         if augment:
