@@ -186,6 +186,31 @@ def write_bad_parquet(path: str) -> dict[str, int]:
     return {"unreadable": 3, "null_labels": 1, "good": 3}
 
 
+def write_validation_folder(config: str, root) -> dict:
+    """A run's validation rows (numbered 0..n-1, with their labels) and a file of bad records (numbered -1..-7),
+    as the Parquet folder `root/data` a user would predict."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transfer.config import load_config
+    from transfer.job import plan_data
+
+    plan = plan_data(load_config(config))[2]
+    parts = [
+        pq.ParquetFile(unit.file).read_row_group(unit.row_group, columns=["image", "label"]).take(list(unit.rows))
+        for shard in plan.validation.shards
+        for unit in shard
+    ]
+    rows = pa.concat_tables(parts)
+    data = root / "data"
+    data.mkdir(parents=True)
+    pq.write_table(rows.append_column("row", pa.array(range(len(rows)), pa.int64())), data / "validation.parquet")
+    write_bad_parquet(str(root / "bad.parquet"))
+    bad = pq.read_table(root / "bad.parquet")
+    pq.write_table(bad.append_column("row", pa.array(range(-1, -len(bad) - 1, -1), pa.int64())), data / "bad.parquet")
+    return {"data": data, "rows": len(rows), "root": root}
+
+
 def write_hf_parquet(
     path: str, images: list[bytes], labels: list[int], names: list[str], as_paths=(), rows_per_group: int = 50
 ) -> str:

@@ -1,15 +1,15 @@
-"""transfer-predict end to end on a real local Ray (a pool of 2 actors): Parquet locally, an image manifest on S3."""
+"""transfer-predict end to end on a real local Ray (a pool of 2 actors): an image manifest on S3. Its run on a
+Parquet folder, checked against the export's evaluation, is the Airflow DAG's predict task (test_ray_jobs.py)."""
 
 import json
 import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, summary_of, write_bad_parquet
+from tests.conftest import REPO, summary_of, write_validation_folder
 from transfer.errors import ConfigError, DataError
 
 
@@ -22,62 +22,7 @@ def run_predict(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def validation_data(finished_run, tmp_path_factory) -> dict:
-    """The finished run's validation rows (numbered 0..n-1) and a file of bad records (numbered -1..-7), as the
-    Parquet folder a user would predict."""
-    from transfer.config import load_config
-    from transfer.job import plan_data
-
-    plan = plan_data(load_config(finished_run["config"]))[2]
-    parts = [
-        pq.ParquetFile(unit.file).read_row_group(unit.row_group, columns=["image", "label"]).take(list(unit.rows))
-        for shard in plan.validation.shards
-        for unit in shard
-    ]
-    rows = pa.concat_tables(parts)
-    root = tmp_path_factory.mktemp("predict")
-    data = root / "data"
-    data.mkdir()
-    pq.write_table(rows.append_column("row", pa.array(range(len(rows)), pa.int64())), data / "validation.parquet")
-    write_bad_parquet(str(root / "bad.parquet"))
-    bad = pq.read_table(root / "bad.parquet")
-    pq.write_table(bad.append_column("row", pa.array(range(-1, -len(bad) - 1, -1), pa.int64())), data / "bad.parquet")
-    return {"data": data, "rows": len(rows), "root": root}
-
-
-@pytest.mark.integration
-def test_predicts_every_row_of_a_parquet_folder_as_the_evaluation_did(finished_run, validation_data):
-    export = finished_run["run"] / "export" / "finetune"
-    out = validation_data["root"] / "predictions"
-    out.mkdir()
-    (out / "part-stale.parquet").write_bytes(b"an earlier run's file")  # a rerun replaces OUT whole
-    result = run_predict(
-        "--model", str(export), "--data", str(validation_data["data"]), "--out", str(out), "--workers", "2"
-    )
-    summary = summary_of(result)
-    rows = validation_data["rows"]
-    assert summary["rows"] == rows + 7 and summary["errors"] == 3 and summary["out"] == str(out)
-    assert json.loads((out / "_SUCCESS.json").read_text())["rows"] == rows + 7
-    assert not (out / "part-stale.parquet").exists()
-
-    table = pq.read_table(out)
-    assert table.column_names == ["label", "row", "prediction", "probability", "top_k", "error"]  # no image bytes
-    by_row = {r["row"]: r for r in table.to_pylist()}
-    assert sorted(by_row) == list(range(-7, rows))  # every input row, once
-    assert by_row[-1]["error"] == "empty image" and by_row[-1]["prediction"] is None
-    assert by_row[-2]["error"].startswith("not a decodable image") and by_row[-3]["error"].startswith("not a decodable")
-    assert all(by_row[r]["error"] is None and by_row[r]["prediction"] for r in (-4, -5, -6, -7))  # gray, RGBA, palette
-
-    evaluation = json.loads((export / "evaluation.json").read_text())
-    classes = evaluation["classes"]
-    confusion = np.zeros((len(classes), len(classes)), int)
-    for r in range(rows):
-        row = by_row[r]
-        assert row["top_k"][0] == {"class": row["prediction"], "probability": row["probability"]}
-        assert len(row["top_k"]) == evaluation["k"] and row["top_k"][0]["probability"] >= row["top_k"][1]["probability"]
-        confusion[classes.index(row["label"]), classes.index(row["prediction"])] += 1
-    # The same rows through the same decode and weights as the pass's own evaluation: the same predictions, but for
-    # a near-tie that another batch size's float sums may tip.
-    assert np.abs(confusion - np.array(evaluation["confusion_matrix"])).sum() <= 2
+    return write_validation_folder(finished_run["config"], tmp_path_factory.mktemp("predict"))
 
 
 @pytest.mark.integration

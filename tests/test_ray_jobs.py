@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, write_config, write_validation_folder
 
 pytestmark = pytest.mark.integration
 
@@ -305,6 +305,11 @@ def dag_run(airflow_python, ray_head, assets, tmp_path_factory) -> dict:
     """One run of the DAG against the Ray head (dag.test(), as Airflow runs it); the Ray jobs it submitted."""
     root = tmp_path_factory.mktemp("dag")
     folder = job_dir(root, assets, "dagrun", head={"epochs": 2}, finetune={"epochs": 1})
+    # What the predict task labels: the run's own validation rows and bad records.
+    predict = write_validation_folder(os.path.join(folder, "job.yaml"), root / "predict")
+    stale = root / "runs" / "dagrun" / "predictions" / "part-stale.parquet"  # an earlier run's: replaced whole
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier run's file")
     (root / "airflow").mkdir()
     out, output = run_dag_check(
         airflow_python,
@@ -312,12 +317,13 @@ def dag_run(airflow_python, ray_head, assets, tmp_path_factory) -> dict:
         ray_head,
         config="job.yaml",
         working_dir=folder,
-        predict_data=assets["train"],
-        predict_options=["--workers", "1"],
+        predict_data=str(predict["data"]),
+        predict_options=["--workers", "2"],
     )
     client = job_client(ray_head)
     jobs = {j.submission_id: j for j in client.list_jobs() if (j.submission_id or "").startswith("transfer_train-")}
-    return {"out": out, "output": output, "jobs": jobs, "client": client, "run": root / "runs" / "dagrun"}
+    run = root / "runs" / "dagrun"
+    return {"out": out, "output": output, "jobs": jobs, "client": client, "run": run, "predicted_rows": predict["rows"]}
 
 
 def job_of(dag_run: dict, pass_name: str, try_number: int = 1):
@@ -348,13 +354,38 @@ def test_finetune_job_starts_from_the_export_the_head_task_returned(dag_run):
     assert f"--set finetune.init_from={head_export}" in job_of(dag_run, "finetune").entrypoint
 
 
-def test_predict_task_labels_the_data_with_the_finetune_export(dag_run):
+def test_predict_task_labels_every_row_with_the_finetune_export_as_its_evaluation_did(dag_run):
+    import numpy as np
+    import pyarrow.parquet as pq
+
     job = job_of(dag_run, "predict")
+    export = dag_run["run"] / "export" / "finetune"
     assert job.status == "SUCCEEDED" and job.start_time >= job_of(dag_run, "finetune").end_time
-    assert f"--model {dag_run['run'] / 'export' / 'finetune'} " in job.entrypoint
-    done = json.loads((dag_run["run"] / "predictions" / "_SUCCESS.json").read_text())
-    assert done["rows"] == 600 and done["errors"] == 0  # every row of the assets' training data
-    assert "predict: 600 rows, 0 without a prediction" in dag_run["output"]
+    assert f"--model {export} " in job.entrypoint
+    out, rows = dag_run["run"] / "predictions", dag_run["predicted_rows"]
+    assert json.loads((out / "_SUCCESS.json").read_text())["rows"] == rows + 7
+    assert f"predict: {rows + 7} rows, 3 without a prediction" in dag_run["output"]
+    assert not (out / "part-stale.parquet").exists()
+
+    table = pq.read_table(out)
+    assert table.column_names == ["label", "row", "prediction", "probability", "top_k", "error"]  # no image bytes
+    by_row = {r["row"]: r for r in table.to_pylist()}
+    assert sorted(by_row) == list(range(-7, rows))  # every input row, once
+    assert by_row[-1]["error"] == "empty image" and by_row[-1]["prediction"] is None
+    assert by_row[-2]["error"].startswith("not a decodable image") and by_row[-3]["error"].startswith("not a decodable")
+    assert all(by_row[r]["error"] is None and by_row[r]["prediction"] for r in (-4, -5, -6, -7))  # gray, RGBA, palette
+
+    evaluation = json.loads((export / "evaluation.json").read_text())
+    classes = evaluation["classes"]
+    confusion = np.zeros((len(classes), len(classes)), int)
+    for r in range(rows):
+        row = by_row[r]
+        assert row["top_k"][0] == {"class": row["prediction"], "probability": row["probability"]}
+        assert len(row["top_k"]) == evaluation["k"] and row["top_k"][0]["probability"] >= row["top_k"][1]["probability"]
+        confusion[classes.index(row["label"]), classes.index(row["prediction"])] += 1
+    # The same rows through the same decode and weights as the pass's own evaluation: the same predictions, but for
+    # a near-tie that another batch size's float sums may tip.
+    assert np.abs(confusion - np.array(evaluation["confusion_matrix"])).sum() <= 2
 
 
 def second_try(ray_head: dict[str, str], job, name: str) -> tuple[dict, list[str]]:
