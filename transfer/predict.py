@@ -90,11 +90,7 @@ def plan_prediction(request: Request) -> Plan:
                 f"--image-column: {storage.redact(files[0])}: no column {column!r} (columns: {', '.join(schema.names)})"
             )
         names, image_type = schema.names, schema.field(column).type
-        if not (parquet.is_binary(image_type) or parquet.is_string(image_type) or parquet.is_image_struct(image_type)):
-            raise DataError(
-                f"--image-column: {storage.redact(files[0])}: column {column!r} is {image_type}, expected binary "
-                "(image bytes), string (image URIs) or struct<bytes, path> (a Hugging Face Image)"
-            )
+        parquet.check_image_type(files[0], schema, column, "--image-column")
     with_paths = parquet.is_image_struct(image_type)
     taken = [name for name in names if name in OUTPUT_COLUMNS or (with_paths and name == RAY_PATH)]
     if taken:
@@ -220,7 +216,9 @@ class Predictor:
         self.forward = tf.function(lambda images: self.model(images, training=False), reduce_retracing=True)
         self.classes = plan.classes
         self.k = evaluation.top_k(len(plan.classes))
-        self.fetches = ThreadPoolExecutor(64)
+        from transfer.data.pipeline import FETCHES
+
+        self.fetches = ThreadPoolExecutor(FETCHES)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from transfer.data.pipeline import UNDECODABLE
@@ -235,8 +233,6 @@ class Predictor:
 
     def _read(self, batch: pa.Table) -> tuple[list[bytes | None], list[str | None]]:
         """Each row's encoded image (fetched where the row holds a URI), or None and why not."""
-        from transfer.data.pipeline import fetch_image
-
         column = batch.column(self.plan.image_column)
         if self.plan.with_paths:
             files = [self.plan.scheme + path for path in batch.column(RAY_PATH).to_pylist()]
@@ -247,17 +243,10 @@ class Predictor:
                     cells[i] = cell
         else:
             cells = parquet.image_cells(column, "")
-        fetched = {i: self.fetches.submit(fetch_image, cell) for i, cell in enumerate(cells) if isinstance(cell, str)}
-        data: list[bytes | None] = []
-        errors: list[str | None] = []
-        for i, cell in enumerate(cells):
-            if i in fetched:
-                image, why = fetched[i].result()
-            else:
-                image, why = (cell, None) if cell else (None, "empty image" if cell == b"" else "no image")
-            data.append(image)
-            errors.append(why)
-        return data, errors
+        from transfer.data.pipeline import read_cells
+
+        read = read_cells(cells, self.fetches)
+        return [data for data, _ in read], [why for _, why in read]
 
     def _decode(self, data: list[bytes | None]) -> tuple[dict[int, int], np.ndarray]:
         """The rows that decode (row -> its place in the images) and their uint8 images, decoded in parallel;

@@ -209,15 +209,20 @@ def _check_columns(file: str, schema: pa.Schema, image_column: str, label_column
     for column, key in ((image_column, "data.image_column"), (label_column, "data.label_column")):
         if column not in schema.names:
             raise DataError(f"{key}: {where}: no column {column!r} (columns: {', '.join(schema.names)})")
-    image_type = schema.field(image_column).type
-    if not (is_binary(image_type) or is_string(image_type) or is_image_struct(image_type)):
-        raise DataError(
-            f"data.image_column: {where}: column {image_column!r} is {image_type}, expected binary (image bytes), "
-            "string (image URIs) or struct<bytes, path> (a Hugging Face Image)"
-        )
+    check_image_type(file, schema, image_column, "data.image_column")
     label_type = schema.field(label_column).type
     if not (pa.types.is_integer(label_type) or is_string(label_type)):
         raise DataError(f"data.label_column: {where}: column {label_column!r} is {label_type}, expected int or string")
+
+
+def check_image_type(file: str, schema: pa.Schema, column: str, key: str) -> None:
+    """Stops an image column that holds neither image bytes, nor URIs, nor a Hugging Face Image."""
+    kind = schema.field(column).type
+    if not (is_binary(kind) or is_string(kind) or is_image_struct(kind)):
+        raise DataError(
+            f"{key}: {storage.redact(file)}: column {column!r} is {kind}, expected binary (image bytes), "
+            "string (image URIs) or struct<bytes, path> (a Hugging Face Image)"
+        )
 
 
 def is_binary(t: pa.DataType) -> bool:

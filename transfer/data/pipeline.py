@@ -149,19 +149,29 @@ class UnitReader:
 
     def _records(self, batch, file: str, places: list[str]) -> list[Record]:
         cells = parquet.image_cells(batch.column(self.columns[0]), file)
-        fetched = {i: self.fetches.submit(fetch_image, c) for i, c in enumerate(cells) if isinstance(c, str)}
+        images = read_cells(cells, self.fetches)
+        labels = batch.column(self.columns[1]).to_pylist()
         records = []
-        for i, (cell, label) in enumerate(zip(cells, batch.column(self.columns[1]).to_pylist(), strict=True)):
-            if i in fetched:
-                place = storage.redact(cell)
-                data, why = fetched[i].result()
-            else:
-                place, data, why = places[i], cell, None if cell else "empty image" if cell == b"" else "no image"
+        for i, (cell, (data, why), label) in enumerate(zip(cells, images, labels, strict=True)):
+            place = storage.redact(cell) if isinstance(cell, str) else places[i]
             if why:
                 self.guard.bad(place, why)
             else:
                 records.append((data, self.class_index[str(label)], place))
         return records
+
+
+def read_cells(cells: list[bytes | str | None], fetches: ThreadPoolExecutor) -> list[tuple[bytes | None, str | None]]:
+    """Each image cell's encoded image (fetched, all at once, where the cell is a URI), or None and why not."""
+    fetched = {i: fetches.submit(fetch_image, cell) for i, cell in enumerate(cells) if isinstance(cell, str)}
+    return [
+        fetched[i].result()
+        if i in fetched
+        else (cell, None)
+        if cell
+        else (None, "empty image" if cell == b"" else "no image")
+        for i, cell in enumerate(cells)
+    ]
 
 
 def fetch_image(uri: str) -> tuple[bytes | None, str | None]:
