@@ -36,7 +36,7 @@ def test_training_the_head_on_features_trains_the_full_model(model):
 @pytest.mark.parametrize("budget_mb", [64, 0])  # in memory; spilled to local disk
 def test_feature_cache_holds_each_row_once_and_feeds_whole_batches(model, budget_mb):
     extractor, _ = split_at_features(model)
-    cache = RowCache(images(20), rows=20, budget_mb=budget_mb, transform=inference(extractor, tf.float32))
+    cache = RowCache.fill(images(20), rows=20, budget_mb=budget_mb, transform=inference(extractor, tf.float32))
     assert cache.on_disk == (budget_mb == 0)
     x, _ = next(iter(images(20, 20)))
     np.testing.assert_allclose(cache.values, extractor(x).numpy(), atol=1e-5)

@@ -36,6 +36,14 @@ def test_defaults_follow_the_contract():
         ({"data": {"train": ""}}, "job.yaml: data.train: required"),
         ({"finetune": {"unfreeze": 0}}, "job.yaml: finetune.unfreeze: must be a layer count >= 1"),
         ({"data": {"validation_split": 1.5}}, "job.yaml: data.validation_split: must be in [0, 1)"),
+        ({"head": {"search": {"trials": 4}}, "data": {"augment": ["flip"]}}, "job.yaml: head.search: trains heads on"),
+        ({"head": {"search": {"trials": 4, "dropout": [0.5, 0.1]}}}, "job.yaml: head.search.dropout: with method"),
+        ({"head": {"search": {"trials": 4, "epochs": [5, "x"]}}}, "job.yaml: head.search.epochs[1]: expected int"),
+        ({"head": {"search": {"trials": 4, "class_weight": ["auto"]}}}, "job.yaml: head.search.class_weight: must"),
+        (
+            {"head": {"search": {"trials": 4, "method": "grid", "learning_rate": [1e-3, 1e-2]}}},
+            "job.yaml: head.search.trials: the grid has 24 combinations, more than the 4 trials",
+        ),
     ],
 )
 def test_bad_values_name_the_key(sections, message):
@@ -43,6 +51,11 @@ def test_bad_values_name_the_key(sections, message):
         build(**sections)
     assert str(e.value).startswith(message)
     assert "\n" not in str(e.value)
+
+
+def test_a_search_range_takes_ints_and_yaml_1_1_exponents_as_floats():
+    search = build(head={"search": {"trials": 2, "learning_rate": ["1e-4", 1], "dropout": [0, 0.5]}}).head.search
+    assert (search.learning_rate, search.dropout) == ((1e-4, 1.0), (0.0, 0.5))
 
 
 def test_unknown_section_is_an_error():

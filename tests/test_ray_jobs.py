@@ -304,7 +304,9 @@ def test_dag_parses_without_tensorflow_ray_or_this_package(airflow_python, tmp_p
 def dag_run(airflow_python, ray_head, assets, tmp_path_factory) -> dict:
     """One run of the DAG against the Ray head (dag.test(), as Airflow runs it); the Ray jobs it submitted."""
     root = tmp_path_factory.mktemp("dag")
-    folder = job_dir(root, assets, "dagrun", head={"epochs": 2}, finetune={"epochs": 1})
+    # A head search of 2 trials, as a team tunes the head: the head task's job runs it after the head pass.
+    search = {"trials": 2, "epochs": [2]}
+    folder = job_dir(root, assets, "dagrun", head={"epochs": 2, "search": search}, finetune={"epochs": 1})
     # What the predict task labels: the run's own validation rows and bad records.
     predict = write_validation_folder(os.path.join(folder, "job.yaml"), root / "predict")
     stale = root / "runs" / "dagrun" / "predictions" / "part-stale.parquet"  # an earlier run's: replaced whole
@@ -345,6 +347,9 @@ def test_dag_runs_the_head_pass_then_the_finetune_pass_as_ray_jobs(dag_run):
         export.check_complete(str(dag_run["run"] / "export" / pass_name))
     # The Airflow task log shows the job's progress.
     assert "head epoch 2/2: loss " in dag_run["output"] and "finetune epoch 1/1: loss " in dag_run["output"]
+    assert "head search: 2 trials (random) on the persisted features" in dag_run["output"]
+    trials = json.loads((dag_run["run"] / "export" / "head" / export.SEARCH).read_text())
+    assert len(trials) == 3 and sum(t["chosen"] for t in trials) == 1
 
 
 def test_finetune_job_starts_from_the_export_the_head_task_returned(dag_run):

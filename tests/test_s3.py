@@ -56,6 +56,9 @@ def test_parquet_on_s3_with_bad_records_trains_on_2_workers_into_s3_storage(s3, 
     result = run_cli(
         config, "--pass", "head", "--set", f"data.train={s3_train}", "--set", f"data.validation={validation}",
         "--set", "head.epochs=2",
+        # A head search on S3 storage whose trials (1 epoch at a tiny learning rate) cannot beat the head.
+        "--set", "head.search.trials=2", "--set", "head.search.epochs=[1]",
+        "--set", "head.search.learning_rate=[1.0e-5, 1.0e-5]",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
@@ -75,6 +78,10 @@ def test_parquet_on_s3_with_bad_records_trains_on_2_workers_into_s3_storage(s3, 
     assert "row group 0 row 0: empty image" in reasons and "row group 0 row 1: not a decodable image" in reasons
     assert metrics["final"]["val_accuracy"] >= 0.5
     assert storage.list_files(f"{s3}/runs/s3-parquet/head", ("state.json",))  # checkpoints on S3
+    assert len(storage.list_files(f"{s3}/runs/s3-parquet/features", (".parquet",))) == 4  # 2 splits, 2 workers
+    trials = json.loads(storage.read_text(f"{export}/search.json"))
+    assert [t["chosen"] for t in trials] == [True, False, False]  # the configured head stays the export
+    assert "head search: 2 trials in" in result.stdout and "best: configured" in result.stdout
 
 
 @pytest.mark.integration
@@ -83,6 +90,9 @@ def test_image_folder_on_s3_trains_on_2_workers(s3, s3_folder, assets, tmp_path)
     result = run_cli(
         config, "--pass", "head", "--set", "data.format=images", "--set", f"data.train={s3_folder}",
         "--set", "head.epochs=2",
+        # A head search on S3 storage whose trials (1 epoch at a tiny learning rate) cannot beat the head.
+        "--set", "head.search.trials=2", "--set", "head.search.epochs=[1]",
+        "--set", "head.search.learning_rate=[1.0e-5, 1.0e-5]",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])

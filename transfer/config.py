@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,12 +70,26 @@ class Model:
 
 
 @dataclass(frozen=True)
+class HeadSearch:
+    """Heads tried on the persisted features, each a Ray Tune trial; the best by val_accuracy is the export."""
+
+    trials: int = 0  # 0: no search
+    method: str = "random"  # random: each trial draws from the ranges and choices | grid: every combination
+    learning_rate: tuple[float, ...] = (1e-4, 1e-2)  # random: log-uniform in [low, high]; grid: the values
+    dropout: tuple[float, ...] = (0.0, 0.5)  # random: uniform in [low, high]; grid: the values
+    epochs: tuple[int, ...] = (5, 10, 20)  # the choices; ASHA stops a poor trial early
+    class_weight: tuple[str, ...] = ("none", "balanced")  # balanced: each class weighs as much in the loss
+    cpus_per_trial: int = 1
+
+
+@dataclass(frozen=True)
 class Head:
     epochs: int = 10
     learning_rate: float = 1e-3
     batch_size: int = 32  # per worker; the global batch is batch_size * num_workers
     cache_features: str = "auto"  # auto: on unless data.augment is set
     feature_cache_mb: int = 2048  # per worker; larger caches spill to local disk
+    search: HeadSearch = field(default_factory=HeadSearch)
 
 
 @dataclass(frozen=True)
@@ -263,8 +278,8 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
             return value
         if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
             args = typing.get_args(option)
-            if args[-1] is Ellipsis and all(isinstance(v, args[0]) for v in value):
-                return tuple(value)
+            if args[-1] is Ellipsis:
+                return tuple(_coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value))
             if len(value) == len(args) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 return tuple(value)
     expected = " or ".join(_type_name(o) for o in options)
@@ -286,6 +301,42 @@ def _type_name(hint: Any) -> str:
         args = typing.get_args(hint)
         return f"a list of {args[0].__name__}" if args[-1] is Ellipsis else f"a list of {len(args)} integers"
     return hint.__name__
+
+
+def _check_search(s: HeadSearch, caches_features: bool, fail: Callable[[str, str], None]) -> None:
+    key = "head.search"
+    if s.trials < 0:
+        fail(f"{key}.trials", f"must be >= 0, got {s.trials}")
+    if not s.trials:
+        return
+    if not caches_features:
+        fail(key, "trains heads on the persisted backbone features: it needs head.cache_features auto or on, "
+             "without data.augment")  # fmt: skip
+    if s.method not in ("random", "grid"):
+        fail(f"{key}.method", f"must be one of random, grid, got {s.method!r}")
+    for name in ("learning_rate", "dropout", "epochs", "class_weight"):
+        if not getattr(s, name):
+            fail(f"{key}.{name}", "must list at least one value")
+    if s.method == "random":
+        for name in ("learning_rate", "dropout"):
+            values = getattr(s, name)
+            if len(values) != 2 or values[0] > values[1]:
+                fail(f"{key}.{name}", f"with method random, the range [low, high]; got {list(values)}")
+    if min(s.learning_rate) <= 0:
+        fail(f"{key}.learning_rate", f"must be > 0, got {list(s.learning_rate)}")
+    if not all(0.0 <= d < 1.0 for d in s.dropout):
+        fail(f"{key}.dropout", f"must be in [0, 1), got {list(s.dropout)}")
+    if min(s.epochs) < 1:
+        fail(f"{key}.epochs", f"must be >= 1, got {list(s.epochs)}")
+    for weighting in s.class_weight:
+        if weighting not in ("none", "balanced"):
+            fail(f"{key}.class_weight", f"must be none or balanced, got {weighting!r}")
+    if s.cpus_per_trial < 1:
+        fail(f"{key}.cpus_per_trial", f"must be >= 1, got {s.cpus_per_trial}")
+    if s.method == "grid":
+        combinations = len(s.learning_rate) * len(s.dropout) * len(s.epochs) * len(s.class_weight)
+        if combinations > s.trials:
+            fail(f"{key}.trials", f"the grid has {combinations} combinations, more than the {s.trials} trials")
 
 
 def _check_values(c: Config, source: str) -> None:
@@ -340,6 +391,7 @@ def _check_values(c: Config, source: str) -> None:
     if c.head.cache_features == "on" and c.data.augment:
         fail("head.cache_features", "on cannot be used with data.augment: augmented images change every epoch")
     at_least("head.feature_cache_mb", c.head.feature_cache_mb, 0)
+    _check_search(c.head.search, c.caches_features, fail)
     one_of("scaling.mixed_precision", c.scaling.mixed_precision, ("auto", "float16", "bfloat16", "off"))
     unfreeze = c.finetune.unfreeze
     if isinstance(unfreeze, int) and unfreeze < 1:

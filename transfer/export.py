@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 MODEL = "model.keras"
+SEARCH = "search.json"  # a head export chosen by a head search: every trial (transfer.search)
 
 
 def write_export(
@@ -32,11 +33,13 @@ def write_export(
     location: str,
     report: dict | None = None,
     curves: list[tuple[str, list[dict]]] | None = None,
+    search: list[dict] | None = None,
 ) -> None:
     """Writes the export to `location`, replacing any earlier one; a crash midway leaves no manifest.
 
     `report`: the pass's evaluation (transfer.evaluation), as evaluation.json and confusion_matrix.png;
-    `curves`: (pass, history) of this pass and the ones it continues, as learning_curves.png.
+    `curves`: (pass, history) of this pass and the ones it continues, as learning_curves.png; `search`: the
+    trials of a head search, as search.json.
     """
     with tempfile.TemporaryDirectory(prefix="transfer-export-") as local:
         model.save(os.path.join(local, MODEL))
@@ -49,6 +52,8 @@ def write_export(
             pictures.confusion_matrix_png(report, os.path.join(local, pictures.CONFUSION))
         if curves:
             pictures.learning_curves_png(curves, os.path.join(local, pictures.CURVES))
+        if search is not None:
+            _write_json(os.path.join(local, SEARCH), search)
         with open(os.path.join(local, "config.yaml"), "w") as f:
             f.write(config_yaml)
         manifest = {"files": _describe(local)}

@@ -63,12 +63,16 @@ def run_job(cfg: Config, passes: Sequence[str], verbose: bool = False, echo: Ech
 
 
 def finished_pass(cfg: Config, pass_name: str) -> dict | None:
-    """A pass whose export is complete and has all the configured epochs (raising `epochs` trains the rest)."""
+    """A pass whose export is complete and has all the configured epochs (raising `epochs` trains the rest); a
+    head pass with a search, once its export holds the search's trials."""
     location = storage.join(cfg.run_uri, "export", pass_name)
     if not export.is_complete(location):
         return None
     final = export.read_metrics(location)["final"]
-    if final["epoch"] < cfg.pass_settings(pass_name).epochs:
+    if pass_name == "head" and cfg.head.search.trials:  # the chosen head may have trained fewer epochs
+        if not storage.exists(storage.join(location, export.SEARCH)):
+            return None
+    elif final["epoch"] < cfg.pass_settings(pass_name).epochs:
         return None
     return {"status": "skipped", "export": storage.redact(location), "final": final}
 

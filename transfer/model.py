@@ -30,9 +30,20 @@ def build_model(
         x = layer(x)
     x = backbone(x, training=False)
     x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = tf.keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = tf.keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name=CLASSIFIER_LAYER)(x)
-    return tf.keras.Model(inputs, outputs, name=f"{backbone_name}_classifier")
+    return tf.keras.Model(inputs, classify(x, num_classes, dropout), name=f"{backbone_name}_classifier")
+
+
+def build_head(num_features: int, num_classes: int, dropout: float) -> tf.keras.Model:
+    """The head alone, on pooled backbone features: what a head search trains, with the layers (and names) of
+    build_model's head, so its weights load into the full model."""
+    features = tf.keras.Input((num_features,), name="features")
+    return tf.keras.Model(features, classify(features, num_classes, dropout), name="head")
+
+
+def classify(features: tf.Tensor, num_classes: int, dropout: float) -> tf.Tensor:
+    """The head: dropout, then the softmax classifier (in float32: softmax and loss in full precision)."""
+    x = tf.keras.layers.Dropout(dropout, name="dropout")(features)
+    return tf.keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name=CLASSIFIER_LAYER)(x)
 
 
 def split_at_features(model: tf.keras.Model) -> tuple[tf.keras.Model, tf.keras.Model]:

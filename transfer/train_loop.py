@@ -21,6 +21,7 @@ from transfer import allocator, checkpoint, evaluation, storage
 from transfer.checkpoint import restore
 from transfer.config import Config
 from transfer.data.cache import RowCache, inference
+from transfer.data.features import FOLDER, StoredShard
 from transfer.data.pipeline import BadRecords, Parallelism, make_dataset
 from transfer.data.plan import Split
 from transfer.model import build_model, compile_model, split_at_features, unfreeze_model, with_precision
@@ -88,10 +89,7 @@ def train_loop_per_worker(spec: PassSpec) -> None:
         classes = spec.plan.classes
         confusion, top_k_hits, wrong = count_predictions(trained, validation(None), len(classes), strategy)
         if spec.progress is not None:  # every worker its own rows
-            rows = [
-                {"where": cache.places[i], "true": classes[t], "predicted": classes[p], "probability": probability}
-                for i, t, p, probability in wrong
-            ]
+            rows = misclassified_rows(wrong, cache.places, classes)
             spec.progress.put({"event": "misclassified", "pass": spec.pass_name, "rows": rows})
         if rank == 0 and spec.progress is not None:
             evaluated = {"confusion": confusion.tolist(), "top_k_hits": top_k_hits}
@@ -112,11 +110,15 @@ def validation_batches(cache: RowCache, batch_size: int, context: tf.distribute.
 
 
 def count_predictions(
-    model: tf.keras.Model, validation: tf.data.Dataset, num_classes: int, strategy: tf.distribute.Strategy
-) -> tuple[np.ndarray, int]:
-    """The confusion matrix (rows: true class) and top-k hits of the trained model over every worker's
-    validation rows, each row once: each worker counts its own rows, then one all-reduce sums them. And this
-    worker's most confidently wrong rows: (row, true, predicted, probability), in `validation`'s row order."""
+    model: tf.keras.Model,
+    validation: tf.data.Dataset,
+    num_classes: int,
+    strategy: tf.distribute.Strategy | None = None,
+) -> tuple[np.ndarray, int, list[tuple[int, int, int, float]]]:
+    """The confusion matrix (rows: true class) and top-k hits of the trained model over the validation rows,
+    each row once; under `strategy` over every worker's rows: each worker counts its own, then one all-reduce
+    sums them. And the most confidently wrong rows (this worker's): (row, true, predicted, probability), in
+    `validation`'s row order."""
     k = evaluation.top_k(num_classes)
     wrong: list[tuple[int, int, int, float]] = []
     row = 0
@@ -132,9 +134,18 @@ def count_predictions(
                   for i in np.flatnonzero(predicted != truth)]  # fmt: skip
         wrong = sorted(wrong, key=lambda w: -w[3])[: evaluation.MISCLASSIFIED]
         row += len(truth)
-    summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(counts)), axis=None)
-    summed = summed.numpy()
-    return summed[:-1].reshape(num_classes, num_classes), int(summed[-1]), wrong
+    if strategy is not None:
+        counts = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(counts)), axis=None)
+        counts = counts.numpy()
+    return counts[:-1].reshape(num_classes, num_classes), int(counts[-1]), wrong
+
+
+def misclassified_rows(wrong: list[tuple[int, int, int, float]], places: list[str], classes: list[str]) -> list[dict]:
+    """count_predictions' wrong rows as the evaluation lists them: where each is, its true and predicted class."""
+    return [
+        {"where": places[i], "true": classes[t], "predicted": classes[p], "probability": probability}
+        for i, t, p, probability in wrong
+    ]
 
 
 class ShardReader:
@@ -188,7 +199,7 @@ class Images:
     def validation(self, reader: ShardReader, rank: int) -> RowCache:
         split, cfg = self.spec.plan.validation, self.spec.cfg
         progress = PhaseProgress(self.spec, rank, "validation images decoded per worker", split.rows_per_worker)
-        cache = RowCache(
+        cache = RowCache.fill(
             reader.images(split, rank, training=False, with_places=True), split.rows_per_worker,
             cfg.data.validation_cache_mb, dtype="uint8", on_rows=progress.update,
         )  # fmt: skip
@@ -215,24 +226,47 @@ class CachedFeatures:
         return tf.keras.models.clone_model(self.head)  # the same layers and names, as MWMS variables
 
     def train(self, reader: ShardReader, rank: int) -> DatasetFn:
-        cache = self._features(reader, rank, self.spec.plan.train, training=True)
+        cache = self._features(reader, rank, "train")
         return lambda context: cache.dataset(self.spec.batch_size, training=True, seed=self.spec.cfg.data.seed + rank)
 
     def validation(self, reader: ShardReader, rank: int) -> RowCache:
-        return self._features(reader, rank, self.spec.plan.validation, training=False)
+        return self._features(reader, rank, "validation")
 
-    def _features(self, reader: ShardReader, rank: int, split: Split, training: bool) -> RowCache:
-        cfg = self.spec.cfg
-        images = reader.images(split, rank, training=False, with_places=not training)  # every row once, in order
-        which = "" if training else "validation "
-        progress = PhaseProgress(
-            self.spec, rank, f"backbone features of {which}images per worker", split.rows_per_worker
-        )
-        cache = RowCache(
+    def _features(self, reader: ShardReader, rank: int, split_name: str) -> RowCache:
+        """This worker's features of a split: those persisted by an earlier run of the pass when they were made
+        from the same inputs; else computed, then persisted for the next."""
+        spec, cfg = self.spec, self.spec.cfg
+        split = getattr(spec.plan, split_name)
+        stored = StoredShard.of(cfg, spec.plan, split_name, rank, spec.world_size)
+        which = "" if split_name == "train" else "validation "
+        start = time.monotonic()
+        file = stored.open()
+        if file is not None:
+            shape = tuple(self.extract.structured_outputs.shape[1:])
+            cache = RowCache.empty(split.rows_per_worker, shape, cfg.head.feature_cache_mb)
+            for values, labels, places in stored.chunks(file):
+                cache.add(values, labels, places)
+            reader.bad.add(stored.bad_records(file))
+            cache.seconds = time.monotonic() - start
+            what = f"backbone features of {len(cache.labels)} {which}images per worker read from {FOLDER}/"
+            _post_cache(spec, rank, what, cache)
+            return cache
+        if stored.refused is not None and spec.progress is not None:
+            # Every worker's: one shard may be cut short. The driver says a reason all shards share once.
+            line = f"{stored.refused}; computing the features again"
+            spec.progress.put({"event": "note", "pass": spec.pass_name, "line": line, "once": stored.reason})
+        before = (set(reader.bad.found), len(reader.bad.examples))
+        with_places = split_name == "validation"
+        images = reader.images(split, rank, training=False, with_places=with_places)  # every row once, in order
+        progress = PhaseProgress(spec, rank, f"backbone features of {which}images per worker", split.rows_per_worker)
+        cache = RowCache.fill(
             images, split.rows_per_worker, cfg.head.feature_cache_mb, transform=self.extract, on_rows=progress.update
         )
+        saving = time.monotonic()
+        stored.write(cache.values, cache.labels, cache.places, reader.bad.since(*before))
+        saved = f"saved to {FOLDER}/ in {time.monotonic() - saving:.1f} s"
         what = f"backbone features of {len(cache.labels)} {which}images per worker computed"
-        _post_cache(self.spec, rank, what, cache)
+        _post_cache(spec, rank, what, cache, saved)
         return cache
 
 
@@ -271,12 +305,11 @@ class EpochProgress(tf.keras.callbacks.Callback):
         self.phase.update((batch + 1) * self.images_per_step)
 
 
-def _post_cache(spec: PassSpec, rank: int, what: str, cache: RowCache) -> None:
+def _post_cache(spec: PassSpec, rank: int, what: str, cache: RowCache, saved: str | None = None) -> None:
     if rank == 0 and spec.progress is not None:
         where = "local disk" if cache.on_disk else "memory"
-        spec.progress.put(
-            {"event": "cache", "pass": spec.pass_name, "what": what, "seconds": cache.seconds, "where": where}
-        )
+        event = {"event": "cache", "pass": spec.pass_name, "what": what, "seconds": cache.seconds, "where": where}
+        spec.progress.put({**event, "saved": saved})
 
 
 class CheckpointEachEpoch(tf.keras.callbacks.Callback):

@@ -102,6 +102,22 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
             model = build_pass_model(spec, cfg.model.weights)
         state = restore(model, result.checkpoint)
         history, bad = state["history"], state["bad_records"]
+        counted = progress.evaluation
+        if counted is None:
+            raise TrainingError(f"{pass_name}: the workers ended without evaluating the model")
+        report = evaluation.report(
+            pass_name, plan.classes, counted["confusion"], counted["top_k_hits"], progress.misclassified
+        )
+        exported, trials = cfg, None
+        if pass_name == "head" and cfg.head.search.trials:
+            from transfer.search import search_heads
+
+            world_size = history[-1]["world_size"]  # the features persisted by the group that trained last
+            searched = search_heads(cfg, spec.plans[world_size], world_size, history, echo)
+            trials = searched.trials
+            if searched.winner is not None:
+                w = searched.winner
+                model, history, report, exported = w.model, w.history, w.report, w.cfg
         metrics = {
             "pass": pass_name,
             "final": history[-1],
@@ -114,14 +130,8 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
                 "examples": (plan.left_out + bad["examples"])[:MAX_EXAMPLES],
             },
         }
-        counted = progress.evaluation
-        if counted is None:
-            raise TrainingError(f"{pass_name}: the workers ended without evaluating the model")
-        report = evaluation.report(
-            pass_name, plan.classes, counted["confusion"], counted["top_k_hits"], progress.misclassified
-        )
         curves = [*earlier_curves(cfg, pass_name), (pass_name, history)]
-        export.write_export(model, plan.classes, cfg.to_yaml(), metrics, export_uri, report, curves)
+        export.write_export(model, plan.classes, exported.to_yaml(), metrics, export_uri, report, curves, trials)
         tracked.finish(export_uri)
         for line in evaluation.summary_lines(report):
             echo(line)
@@ -173,6 +183,7 @@ class Progress:
         self.last_group: str | None = None  # the group that reported the latest epoch
         self.evaluation: dict | None = None  # rank 0's counts over the validation rows, once the pass has trained
         self.misclassified: list[dict] = []  # every worker's most confidently wrong validation rows
+        self.noted: set[str] = set()  # the `once` of the notes said: a reason every worker gives, said once
 
     def cluster(self) -> dict:
         """Where the workers of the group that trained the last epoch ran."""
@@ -213,7 +224,13 @@ class Progress:
         elif event["event"] == "misclassified":
             self.misclassified += event["rows"]
         elif event["event"] == "cache":
-            self.echo(f"{name}: {event['what']} in {event['seconds']:.1f} s, cached in {event['where']}")
+            saved = f"; {event['saved']}" if event.get("saved") else ""
+            self.echo(f"{name}: {event['what']} in {event['seconds']:.1f} s, cached in {event['where']}{saved}")
+        elif event["event"] == "note":
+            once = event.get("once")
+            if once is None or once not in self.noted:
+                self.echo(f"{name}: {event['line']}")
+                self.noted.add(once)
         else:
             self.last_group = event.get("group")
             self.echo(format_epoch(event))

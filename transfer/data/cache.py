@@ -24,46 +24,69 @@ def inference(model: tf.keras.Model, dtype: tf.DType = tf.uint8) -> tf.types.exp
 
 
 class RowCache:
-    """One value per row of a worker's shard, in memory, or in a file on local disk past a budget.
-
-    Filled from a dataset of (x, labels) batches that holds exactly `rows` rows (the pipeline makes up for
-    skipped records), each x turned into the cached value by `transform` (features) or kept as it is (images).
-    Batches of (x, labels, places) keep each row's place too (`places`, in row order).
-    """
+    """One value per row of a worker's shard, in memory, or in a file on local disk past a budget; each row's
+    label, and for validation rows its place. Filled once (`fill`, or `empty` then `add`), then read by index."""
 
     def __init__(
         self,
+        values: np.ndarray,
+        labels: np.ndarray,
+        places: list[str] = (),
+        filled: int | None = None,
+        folder: tempfile.TemporaryDirectory | None = None,
+    ):
+        """Rows already at hand (a head search's trial: the features as Ray's object store holds them, not
+        copied); `filled`, when fewer are filled yet; `folder`, the temporary folder of a disk-backed cache."""
+        self.values, self.labels, self.places = values, labels, list(places)
+        self.filled = len(labels) if filled is None else filled
+        self._folder = folder  # removed with the cache
+        self.on_disk = folder is not None
+        self.seconds = 0.0  # how long filling it took
+
+    @classmethod
+    def empty(cls, rows: int, shape: tuple[int, ...], budget_mb: int, dtype: str = "float32") -> RowCache:
+        """Room for `rows` rows, on local disk when they need more than `budget_mb`."""
+        if rows * int(np.prod(shape)) * np.dtype(dtype).itemsize <= budget_mb * 2**20:
+            return cls(np.empty((rows, *shape), dtype=dtype), np.empty(rows, dtype="int32"), filled=0)
+        folder = tempfile.TemporaryDirectory(prefix="transfer-cache-")
+        path = os.path.join(folder.name, "rows.npy")
+        values = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, *shape))
+        return cls(values, np.empty(rows, dtype="int32"), filled=0, folder=folder)
+
+    def add(self, values: np.ndarray, labels: np.ndarray, places: list[str] = ()) -> None:
+        """The next rows, in row order."""
+        self.values[self.filled : self.filled + len(labels)] = values
+        self.labels[self.filled : self.filled + len(labels)] = labels
+        self.places += places
+        self.filled += len(labels)
+
+    @classmethod
+    def fill(
+        cls,
         batches: tf.data.Dataset,
         rows: int,
         budget_mb: int,
         transform: Callable[[tf.Tensor], tf.Tensor] | None = None,
         dtype: str = "float32",
         on_rows: Callable[[int], None] | None = None,
-    ):
-        """`on_rows(done)`: called after each batch, with the rows filled so far."""
+    ) -> RowCache:
+        """The cache of a dataset of (x, labels) batches that holds exactly `rows` rows (the pipeline makes up for
+        skipped records), each x turned into the cached value by `transform` (features) or kept as it is
+        (images); batches of (x, labels, places) keep each row's place too. `on_rows(done)`: called after each
+        batch, with the rows filled so far."""
         start = time.monotonic()
         if transform is None:
             shape = tuple(batches.element_spec[0].shape[1:])
         else:
             shape = tuple(transform.structured_outputs.shape[1:])
-        self.on_disk = rows * int(np.prod(shape)) * np.dtype(dtype).itemsize > budget_mb * 2**20
-        if self.on_disk:
-            self._folder = tempfile.TemporaryDirectory(prefix="transfer-cache-")
-            path = os.path.join(self._folder.name, "rows.npy")
-            self.values = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, *shape))
-        else:
-            self.values = np.empty((rows, *shape), dtype=dtype)
-        self.labels = np.empty(rows, dtype="int32")
-        self.places: list[str] = []
-        row = 0
+        cache = cls.empty(rows, shape, budget_mb, dtype)
         for x, y, *places in batches:
-            self.values[row : row + len(y)] = (transform(x) if transform is not None else x).numpy()
-            self.labels[row : row + len(y)] = y.numpy()
-            self.places += [place.decode() for place in places[0].numpy()] if places else []
-            row += len(y)
+            values = (transform(x) if transform is not None else x).numpy()
+            cache.add(values, y.numpy(), [place.decode() for place in places[0].numpy()] if places else [])
             if on_rows is not None:
-                on_rows(row)
-        self.seconds = time.monotonic() - start
+                on_rows(cache.filled)
+        cache.seconds = time.monotonic() - start
+        return cache
 
     def dataset(self, batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
         """Batches by index: endless and reshuffled every pass for training, every row once for validation."""

@@ -87,6 +87,17 @@ class BadRecords:
                 self.examples.append(example)
             return True
 
+    def since(self, found: set[str], examples: int) -> dict:
+        """The records found after a snapshot (`found` and the count of `examples` then), as `add` takes them."""
+        with self._lock:
+            return {"found": sorted(self.found - found), "examples": self.examples[examples:]}
+
+    def add(self, records: dict) -> None:
+        """Records found earlier (`since`'s), by a run that kept what it computed from the other rows."""
+        with self._lock:
+            self.found.update(records["found"])
+            self.examples = (self.examples + records["examples"])[:MAX_EXAMPLES]
+
 
 class ShardGuard:
     """Stops a shard none of whose rows is usable: its dataset would never yield a batch on this worker alone,
