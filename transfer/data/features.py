@@ -26,7 +26,6 @@ from transfer.data.plan import DatasetPlan
 from transfer.errors import DataError
 
 FOLDER = "features"
-SPLITS = ("train", "validation")
 FINGERPRINT = b"transfer.fingerprint"  # schema metadata: the fingerprint, as JSON
 BAD_RECORDS = b"transfer.bad_records"  # the bad records left out while computing the shard: found and examples
 ROWS_PER_GROUP = 4096  # a reader holds one row group at a time
