@@ -36,6 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from transfer import demo  # noqa: E402  (numpy and pyarrow only: this process never loads TensorFlow)
+from transfer.job import answers  # noqa: E402
 
 # rank 0's line, one per split: "head: backbone features of N [validation ]images per worker computed in S s, ..."
 COMPUTED = re.compile(r"^head: backbone features of \d+ (?:validation )?images per worker computed in ([0-9.]+) s",
@@ -150,7 +151,7 @@ def start_ray_head() -> tuple[str, Callable[[], None]]:
             "2", "--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats"]  # fmt: skip
     head = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not answers(port):
+    while not answers(f"127.0.0.1:{port}"):
         if head.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"the benchmark's Ray head did not start (exit {head.poll()})")
         time.sleep(1)
@@ -161,14 +162,6 @@ def start_ray_head() -> tuple[str, Callable[[], None]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
     return f"127.0.0.1:{port}", stop
-
-
-def answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ impossible values raise ConfigError naming the key, before any expensive work st
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -80,6 +81,14 @@ class HeadSearch:
     epochs: tuple[int, ...] = (5, 10, 20)  # the choices; ASHA stops a poor trial early
     class_weight: tuple[str, ...] = ("none", "balanced")  # balanced: each class weighs as much in the loss
     cpus_per_trial: int = 1
+
+    PARAMS = ("learning_rate", "dropout", "epochs", "class_weight")  # what a trial draws (not a field)
+
+    def trial_count(self) -> int:
+        """How many trials the search runs: `trials` draws, or every combination of the grid."""
+        if self.method == "random":
+            return self.trials
+        return math.prod(len(getattr(self, name)) for name in self.PARAMS)
 
 
 @dataclass(frozen=True)
@@ -314,7 +323,7 @@ def _check_search(s: HeadSearch, caches_features: bool, fail: Callable[[str, str
              "without data.augment")  # fmt: skip
     if s.method not in ("random", "grid"):
         fail(f"{key}.method", f"must be one of random, grid, got {s.method!r}")
-    for name in ("learning_rate", "dropout", "epochs", "class_weight"):
+    for name in s.PARAMS:
         if not getattr(s, name):
             fail(f"{key}.{name}", "must list at least one value")
     if s.method == "random":
@@ -333,10 +342,8 @@ def _check_search(s: HeadSearch, caches_features: bool, fail: Callable[[str, str
             fail(f"{key}.class_weight", f"must be none or balanced, got {weighting!r}")
     if s.cpus_per_trial < 1:
         fail(f"{key}.cpus_per_trial", f"must be >= 1, got {s.cpus_per_trial}")
-    if s.method == "grid":
-        combinations = len(s.learning_rate) * len(s.dropout) * len(s.epochs) * len(s.class_weight)
-        if combinations > s.trials:
-            fail(f"{key}.trials", f"the grid has {combinations} combinations, more than the {s.trials} trials")
+    if s.method == "grid" and s.trial_count() > s.trials:
+        fail(f"{key}.trials", f"the grid has {s.trial_count()} combinations, more than the {s.trials} trials")
 
 
 def _check_values(c: Config, source: str) -> None:

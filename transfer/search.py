@@ -27,8 +27,15 @@ from transfer.data import features
 from transfer.data.cache import RowCache
 from transfer.data.plan import DatasetPlan
 from transfer.job import Echo
-from transfer.model import build_head, build_model, compile_model
-from transfer.train_loop import count_predictions, misclassified_rows, validation_batches
+from transfer.model import build_head, compile_model
+from transfer.pass_spec import PassSpec
+from transfer.train_loop import (
+    build_pass_model,
+    count_predictions,
+    misclassified_rows,
+    size_thread_pools,
+    validation_batches,
+)
 
 FOLDER = "search"  # <run>/search: Ray Tune's experiment (each trial's results; the finished heads' checkpoints)
 EVALUATION = "evaluation.json"  # in a finished trial's checkpoint: its counts over the validation rows
@@ -54,7 +61,7 @@ class Search:
 def search_space(s: HeadSearch) -> dict:
     """Ray Tune's parameter space: random draws from the ranges and choices, or the grid of the values."""
     if s.method == "grid":
-        return {name: tune.grid_search(list(getattr(s, name))) for name in PARAMS}
+        return {name: tune.grid_search(list(getattr(s, name))) for name in s.PARAMS}
 
     def between(low: float, high: float, draw):
         return low if low == high else draw(low, high)
@@ -67,14 +74,12 @@ def search_space(s: HeadSearch) -> dict:
     }
 
 
-PARAMS = ("learning_rate", "dropout", "epochs", "class_weight")
-
-
-def search_heads(cfg: Config, plan: DatasetPlan, world_size: int, configured: list[dict], echo: Echo) -> Search:
-    """Runs the trials on the features the head pass persisted with `world_size` workers; `configured`: the
-    history of the head the pass trained as configured."""
+def search_heads(spec: PassSpec, world_size: int, configured: list[dict], echo: Echo) -> Search:
+    """Runs the trials on the features the head pass (`spec`) persisted with `world_size` workers;
+    `configured`: the history of the head the pass trained as configured."""
+    cfg, plan = spec.cfg, spec.plans[world_size]
     s = cfg.head.search
-    echo(f"head search: {trial_count(s)} trials ({s.method}) on the persisted features, {s.cpus_per_trial} CPU each")
+    echo(f"head search: {s.trial_count()} trials ({s.method}) on the persisted features, {s.cpus_per_trial} CPU each")
     # Read once, by a task, into Ray's object store: every trial on a node shares that copy, none downloads it.
     loaded = ray.remote(_load_features).remote(cfg, plan, world_size)
     space = search_space(s)
@@ -106,7 +111,7 @@ def search_heads(cfg: Config, plan: DatasetPlan, world_size: int, configured: li
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[TrialLines(echo, trial_count(s))],
+            callbacks=[TrialLines(echo, s.trial_count())],
         ),
     )
     # Ray Tune's own tables and pointers on stdout: our lines (TrialLines) say what a user needs.
@@ -123,14 +128,7 @@ def search_heads(cfg: Config, plan: DatasetPlan, world_size: int, configured: li
     accuracy = best.metrics[METRIC] if beats else configured[-1][METRIC]
     seconds = time.monotonic() - start
     echo(f"head search: {len(results)} trials in {seconds:.1f} s; best: {chosen} ({METRIC} {accuracy:.3f})")
-    return Search(table, _winner(cfg, plan, best) if beats else None)
-
-
-def trial_count(s: HeadSearch) -> int:
-    """How many trials a search runs: `trials` draws, or every combination of the grid."""
-    if s.method == "random":
-        return s.trials
-    return int(np.prod([len(getattr(s, name)) for name in PARAMS]))
+    return Search(table, _winner(spec, best) if beats else None)
 
 
 def _load_features(cfg: Config, plan: DatasetPlan, world_size: int) -> tuple[RowCache, RowCache]:
@@ -145,48 +143,55 @@ def train_trial(params: dict, features: list, classes: list[str], batch_size: in
     from transfer.config import from_dict
 
     cfg = from_dict(config)
-    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(cpus)
-        tf.config.threading.set_inter_op_parallelism_threads(cpus)
-    except RuntimeError:  # TensorFlow already started in this (reused) actor
-        pass
+    size_thread_pools(int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     train, validation = ray.get(features[0])
     tf.keras.utils.set_random_seed(cfg.data.seed)
     head = build_head(train.values.shape[1], len(classes), params["dropout"])
     steps = len(train.labels) // batch_size
     compile_model(head, params["learning_rate"], steps_per_execution=steps)  # an epoch per call (see CachedFeatures)
     weights = balanced_weights(train.labels, len(classes)) if params["class_weight"] == "balanced" else None
-    history: list[dict] = []
-    for epoch in range(params["epochs"]):
-        start = time.monotonic()
-        logs = head.fit(
-            train.dataset(batch_size, training=True, seed=cfg.data.seed),
-            initial_epoch=epoch,
-            epochs=epoch + 1,
-            steps_per_epoch=steps,
-            validation_data=validation_batches(validation, batch_size, None),
-            class_weight=weights,
-            verbose=0,
-        ).history
-        seconds = time.monotonic() - start
-        row = {"epoch": epoch + 1, **{k: float(v[-1]) for k, v in logs.items()}}
-        row.update(images_per_s=steps * batch_size / seconds, seconds=seconds, world_size=1)
-        history.append(row)
-        if epoch + 1 < params["epochs"]:
+    epochs = ReportEachEpoch(params["epochs"], steps * batch_size)
+    head.fit(
+        train.dataset(batch_size, training=True, seed=cfg.data.seed),
+        epochs=params["epochs"],
+        steps_per_epoch=steps,
+        validation_data=validation_batches(validation, batch_size, None),
+        class_weight=weights,
+        callbacks=[epochs],
+        verbose=0,
+    )
+    with tempfile.TemporaryDirectory(prefix="transfer-trial-") as directory:
+        state = {"pass": "head", "epoch": params["epochs"], "history": epochs.history}
+        trial_cfg = trial_config(cfg, params)
+        checkpoint.write(directory, head, "head", 0, state, trial_cfg.to_yaml(), {"found": 0, "examples": []})
+        batches = validation_batches(validation, batch_size, None)
+        confusion, hits, wrong = count_predictions(head, batches, len(classes))
+        counted = {"confusion": confusion.tolist(), "top_k_hits": hits,
+                   "misclassified": misclassified_rows(wrong, validation.places, classes)}  # fmt: skip
+        with open(os.path.join(directory, EVALUATION), "w") as f:
+            json.dump(counted, f)
+        tune.report(epochs.history[-1], checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+class ReportEachEpoch(tf.keras.callbacks.Callback):
+    """A trial's epochs as the head pass's history has them; each but the last reported to Ray Tune as it ends
+    (ASHA may stop the trial there), the last by train_trial with the trial's checkpoint."""
+
+    def __init__(self, epochs: int, images_per_epoch: int):
+        super().__init__()
+        self.epochs, self.images_per_epoch = epochs, images_per_epoch
+        self.history: list[dict] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        seconds = time.monotonic() - self.start
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+        row.update(images_per_s=self.images_per_epoch / seconds, seconds=seconds, world_size=1)
+        self.history.append(row)
+        if epoch + 1 < self.epochs:
             tune.report(row)
-            continue
-        with tempfile.TemporaryDirectory(prefix="transfer-trial-") as directory:
-            state = {"pass": "head", "epoch": epoch + 1, "history": history}
-            trial_cfg = trial_config(cfg, params)
-            checkpoint.write(directory, head, "head", 0, state, trial_cfg.to_yaml(), {"found": 0, "examples": []})
-            batches = validation_batches(validation, batch_size, None)
-            confusion, hits, wrong = count_predictions(head, batches, len(classes))
-            counted = {"confusion": confusion.tolist(), "top_k_hits": hits,
-                       "misclassified": misclassified_rows(wrong, validation.places, classes)}  # fmt: skip
-            with open(os.path.join(directory, EVALUATION), "w") as f:
-                json.dump(counted, f)
-            tune.report(row, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
 def balanced_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -204,18 +209,16 @@ def trial_config(cfg: Config, params: dict) -> Config:
     )
 
 
-def _winner(cfg: Config, plan: DatasetPlan, best) -> Winner:
+def _winner(spec: PassSpec, best) -> Winner:
     """The full model (the backbone the pass was built on, the trial's head), as the head pass exports it."""
-    winning = trial_config(cfg, best.config)
-    tf.keras.utils.set_random_seed(cfg.data.seed)
-    m = winning.model
-    model = build_model(m.backbone, m.weights, winning.data.image_size, len(plan.classes), m.dropout)
+    winning = trial_config(spec.cfg, best.config)
+    model = build_pass_model(dataclasses.replace(spec, config=winning.to_dict()), winning.model.weights)
     state = checkpoint.restore(model, best.checkpoint)
     with best.checkpoint.as_directory() as directory:
         with open(os.path.join(directory, EVALUATION)) as f:
             counted = json.load(f)
     report = evaluation.report(
-        "head", plan.classes, counted["confusion"], counted["top_k_hits"], counted["misclassified"]
+        "head", spec.plan.classes, counted["confusion"], counted["top_k_hits"], counted["misclassified"]
     )
     return Winner(model, state["history"], report, winning)
 
@@ -233,7 +236,7 @@ def _trial_row(result) -> dict:
     trained = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
     return {
         "trial": (result.metrics or {}).get("trial_id", os.path.basename(result.path)),
-        "params": {name: result.config[name] for name in PARAMS},
+        "params": {name: result.config[name] for name in HeadSearch.PARAMS},
         **_scores(history),
         "epochs_trained": trained,
         "stopped_early": result.error is None and trained < result.config["epochs"],

@@ -391,11 +391,16 @@ def where_this_worker_runs() -> dict:
 def start_tensorflow(cfg: Config) -> None:
     """Sizes TensorFlow's thread pools to the worker's CPUs (Ray sets OMP_NUM_THREADS=1 but leaves them at the
     node's core count, so workers on one node fight over the cores) and sets the mixed-precision policy."""
-    cpus = cfg.scaling.cpus_per_worker
+    size_thread_pools(cfg.scaling.cpus_per_worker)
+    if cfg.precision_policy:
+        tf.keras.mixed_precision.set_global_policy(cfg.precision_policy)
+
+
+def size_thread_pools(cpus: int) -> None:
+    """TensorFlow's intra- and inter-op thread pools, `cpus` threads each: once per process (after that,
+    TensorFlow has started and keeps them)."""
     try:
         tf.config.threading.set_intra_op_parallelism_threads(cpus)
         tf.config.threading.set_inter_op_parallelism_threads(cpus)
-    except RuntimeError:  # TensorFlow already initialised in this process
+    except RuntimeError:  # TensorFlow already initialised in this process (a reused Tune actor, say)
         pass
-    if cfg.precision_policy:
-        tf.keras.mixed_precision.set_global_policy(cfg.precision_policy)

@@ -113,7 +113,7 @@ def train_and_export(cfg: Config, pass_name: str, plans: dict[int, DatasetPlan],
             from transfer.search import search_heads
 
             world_size = history[-1]["world_size"]  # the features persisted by the group that trained last
-            searched = search_heads(cfg, spec.plans[world_size], world_size, history, echo)
+            searched = search_heads(spec, world_size, history, echo)
             trials = searched.trials
             if searched.winner is not None:
                 w = searched.winner
